@@ -1,0 +1,148 @@
+"""The `ossrt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .model import GptOssConfig, preset
+    from .model.checkpoint import DEFAULT_SHARD_BYTES, checkpoint_nbytes, write_checkpoint
+
+    cfg = preset(args.preset)
+    if args.config:
+        data = json.loads(Path(args.config).read_text())
+        cfg = (GptOssConfig.from_original_dict(data) if "num_experts" in data
+               else GptOssConfig.from_hf_dict(data))
+    layouts = ["hf", "original"] if args.layout == "both" else [args.layout]
+    shard = int(args.max_shard_gb * (1 << 30)) if args.max_shard_gb else DEFAULT_SHARD_BYTES
+    total = sum(checkpoint_nbytes(cfg, lay) for lay in layouts)
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing") as bar:
+        for lay in layouts:
+            write_checkpoint(cfg, args.out, layout=lay, seed=args.seed, max_shard_bytes=shard,
+                             progress=bar.update)
+    params = cfg.num_parameters()
+    print(f"wrote {', '.join(layouts)} checkpoint to {args.out}: {params['total'] / 1e6:.1f}M "
+          f"parameters ({params['active'] / 1e6:.1f}M active), {total / 1e9:.2f} GB, "
+          f"seed {args.seed}, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+class _TextStream:
+    """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+        self.tok, self.ids, self.shown = tokenizer, [], 0
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.shown:])
+        sys.stdout.flush()
+        self.shown = len(text)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import SamplingParams
+    from .engine.generate import GenerationResult, stream_tokens
+    from .harmony import get_tokenizer
+    from .model import load_model
+
+    tok = get_tokenizer()
+    t0 = time.perf_counter()
+    model = load_model(args.model, args.dtype, args.device, args.layout)
+    load_s = time.perf_counter() - t0
+    prompt = tok.encode(args.prompt)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed, stop_token_ids=tok.stop_token_ids)
+    result = GenerationResult(prompt)
+    stream = None if args.json else _TextStream(tok)
+    for token in stream_tokens(model, prompt, params, result):
+        if stream:
+            stream.push(token)
+    decode_tps = (len(result.token_ids) - 1) / result.decode_seconds if len(
+        result.token_ids) > 1 and result.decode_seconds > 0 else None
+    if args.json:
+        print(json.dumps({
+            "prompt_token_ids": prompt, "token_ids": result.token_ids,
+            "text": tok.decode(result.token_ids), "finish_reason": result.finish_reason,
+            "load_seconds": round(load_s, 3), "prefill_seconds": round(result.prefill_seconds, 4),
+            "decode_tokens_per_second": round(decode_tps, 3) if decode_tps else None,
+        }))
+    else:
+        print()
+        print(f"[{len(prompt)} prompt tokens, {len(result.token_ids)} generated "
+              f"({result.finish_reason}); load {load_s:.1f} s, prefill "
+              f"{result.prefill_seconds:.2f} s"
+              + (f", decode {decode_tps:.2f} tok/s]" if decode_tps else "]"), file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .model.loader import read_config, resolve_layout
+
+    root, layout = resolve_layout(args.model, args.layout)
+    cfg = read_config(root, layout)
+    print(json.dumps({"layout": layout, "config": cfg.to_dict(),
+                      "parameters": cfg.num_parameters()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ossrt", description="The gpt-oss runtime.")
+    p.add_argument("--version", action="version", version=f"ossrt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random checkpoint in the released layout")
+    mk.add_argument("--preset", choices=["tiny", "20b", "120b"], default="tiny")
+    mk.add_argument("--config", help="config.json (either layout) to use instead of the preset")
+    mk.add_argument("--out", required=True, help="folder to write")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--layout", choices=["hf", "original", "both"], default="hf")
+    mk.add_argument("--max-shard-gb", type=float, default=None,
+                    help="largest safetensors shard of the hf layout (default 4)")
+    mk.set_defaults(func=_cmd_make_checkpoint)
+
+    gen = sub.add_parser("generate", help="continue a raw text prompt (no chat format)")
+    gen.add_argument("--model", required=True, help="checkpoint folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    gen.add_argument("--layout", choices=["hf", "original"], default=None)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
+
+    info = sub.add_parser("info", help="show a checkpoint's config and parameter counts")
+    info.add_argument("--model", required=True)
+    info.add_argument("--layout", choices=["hf", "original"], default=None)
+    info.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .model import CheckpointError, ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, ValueError, OSError) as exc:
+        print(f"ossrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

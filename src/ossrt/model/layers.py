@@ -1,0 +1,131 @@
+"""gpt-oss layer math: RMSNorm, YaRN RoPE, attention with sinks and sliding windows, MoE.
+
+Shapes: B batch, T new tokens, S keys, H hidden, Hq/Hkv query/KV heads, G = Hq/Hkv, D head dim,
+E experts, K experts per token, I expert intermediate size, N = B*T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import GptOssConfig, yarn_low_high
+from .mxfp4 import dequantize
+
+_ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H] -> same dtype; computed in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+class YarnRope(torch.nn.Module):
+    """YaRN-scaled rotary embedding, half-split (not interleaved), computed in fp32."""
+
+    def __init__(self, cfg: GptOssConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        d, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+        freq = base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)  # [D/2]
+        low, high = yarn_low_high(cfg)
+        if high == low:
+            high += 1e-3
+        ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low)
+                / (high - low)).clamp(0, 1)  # [D/2]: 0 keeps the original frequency
+        inv_freq = (1 - ramp) / freq + ramp / (factor * freq)  # [D/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, D/2] fp32, attention scaling folded in."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None]
+        return angles.cos() * self.mscale, angles.sin() * self.mscale
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, heads, D] -> rotated, same dtype; cos/sin [T, D/2]."""
+        x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, heads, D/2] each
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+           q_pos0: int, k_pos0: int, window: int | None, scale: float) -> torch.Tensor:
+    """Causal attention with sinks, reference implementation.
+
+    q [B, T, Hq, D] at positions q_pos0..; k, v [B, S, Hkv, D] at positions k_pos0..; sinks
+    [Hq]. Key j is visible to query i iff j <= i and (no window or i - j < window). Each head's
+    sink logit joins the softmax denominator only. Returns [B, T, Hq, D].
+    Queries are processed in chunks so that scores stay within a fixed memory budget, and each
+    chunk of a sliding layer reads only the keys its window can reach.
+    """
+    b, t, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qh = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    kh = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+    vh = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+    sink = sinks.float().view(1, hkv, g, 1, 1)
+    out = torch.empty(b, hkv, g, t, d, dtype=v.dtype, device=q.device)
+    span = min(s_len, window) if window else s_len
+    chunk = max(1, _ATTN_SCORES_BUDGET // max(1, b * hq * (span + t)))
+    for t0 in range(0, t, chunk):
+        t1 = min(t, t0 + chunk)
+        lo = 0 if window is None else max(0, q_pos0 + t0 - window + 1 - k_pos0)
+        hi = min(s_len, q_pos0 + t1 - k_pos0)
+        qp = torch.arange(q_pos0 + t0, q_pos0 + t1, device=q.device)[:, None]  # [tc, 1]
+        kp = torch.arange(k_pos0 + lo, k_pos0 + hi, device=q.device)[None, :]  # [1, sc]
+        visible = kp <= qp
+        if window is not None:
+            visible &= kp > qp - window
+        scores = (qh[:, :, :, t0:t1] @ kh[:, :, :, lo:hi].transpose(-1, -2)).float() * scale
+        scores = scores.masked_fill(~visible, float("-inf"))  # [B, Hkv, G, tc, sc]
+        m = torch.maximum(scores.amax(-1, keepdim=True), sink)
+        e = torch.exp(scores - m)
+        p = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
+        out[:, :, :, t0:t1] = p.to(v.dtype) @ vh[:, :, :, lo:hi]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """h [n, 2I] interleaved (even = gate, odd = linear) -> [n, I]."""
+    gate = h[:, 0::2].clamp(max=limit)
+    lin = h[:, 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
+        w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+        w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+        limit: float, alpha: float) -> torch.Tensor:
+    """x [N, H] -> [N, H]. Experts stay MXFP4; each one used is dequantized for this call only.
+
+    Router: top-k of `x W_r^T + b_r`, softmax over those k. Expert e: W1_e [2I, H] from
+    blocks [E, 2I, H/32, 16]; W2_e [H, I].
+    """
+    n, _ = x.shape
+    logits = F.linear(x, router_w, router_b)  # [N, E]
+    top, idx = torch.topk(logits, top_k, dim=-1)  # [N, K]
+    weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # [N, K]
+    flat = idx.flatten()  # [N*K]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w1_blocks.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        sel = order[start:start + c]  # positions in [N*K]
+        start += c
+        rows = sel // top_k  # [c] token indices
+        w1 = dequantize(w1_blocks[e], w1_scales[e], x.dtype)  # [2I, H]
+        h = F.linear(x[rows], w1, w1_bias[e])  # [c, 2I]
+        a = swiglu(h, limit, alpha)  # [c, I]
+        w2 = dequantize(w2_blocks[e], w2_scales[e], x.dtype)  # [H, I]
+        y = F.linear(a, w2, w2_bias[e])  # [c, H]
+        out.index_add_(0, rows, y * weights.flatten()[sel, None])
+    return out

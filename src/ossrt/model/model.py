@@ -1,0 +1,148 @@
+"""The gpt-oss transformer: token ids in, hidden states and logits out.
+
+`GptOss.forward(ids, start, cache)` runs B sequences of T new tokens at positions start.. and
+returns final-normed hidden states; `GptOss.logits` maps any of them to vocabulary logits.
+Dense weights are used in the compute dtype (no copy when the checkpoint already has it: bf16
+weights stay memory-mapped); expert weights stay MXFP4-packed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GptOssConfig
+from .layers import YarnRope, attend, moe, rms_norm
+from .loader import Checkpoint, read_checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class KVCache:
+    """Contiguous keys and values for B sequences that advance together.
+
+    k[layer], v[layer]: [B, capacity, Hkv, D], post-RoPE; positions 0..length-1 are filled.
+    (The engine's paged, window-aware cache replaces this for serving.)
+    """
+
+    def __init__(self, cfg: GptOssConfig, batch: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        if capacity > cfg.max_position_embeddings:
+            raise ValueError(f"capacity {capacity} exceeds the model's context of "
+                             f"{cfg.max_position_embeddings} tokens")
+        shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in cfg.layer_types]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in cfg.layer_types]
+        self.capacity = capacity
+        self.length = 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
+        p = f"layers.{layer}."
+        for key in ("attn_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b",
+                    "sinks", "mlp_norm", "router_w", "router_b", "w1_bias", "w2_bias"):
+            setattr(self, key, nn.Parameter(w[p + key].to(dtype), requires_grad=False))
+        for key in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
+            self.register_buffer(key, w[p + key], persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
+        q = F.linear(h, self.q_w, self.q_b).view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = F.linear(h, self.k_w, self.k_b).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = F.linear(h, self.v_w, self.v_b).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
+        k_pos0 = start
+        if cache is not None:
+            cache.k[self.layer][:, start:start + t] = k
+            cache.v[self.layer][:, start:start + t] = v
+            k_pos0 = 0 if self.window is None else max(0, start - self.window + 1)
+            k = cache.k[self.layer][:, k_pos0:start + t]
+            v = cache.v[self.layer][:, k_pos0:start + t]
+        o = attend(q, k, v, self.sinks, start, k_pos0, self.window, cfg.head_dim ** -0.5)
+        x = x + F.linear(o.reshape(b, t, -1), self.o_w, self.o_b)
+
+        h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps).view(b * t, -1)
+        y = moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
+                self.w1_blocks, self.w1_scales, self.w1_bias,
+                self.w2_blocks, self.w2_scales, self.w2_bias,
+                cfg.swiglu_limit, cfg.swiglu_alpha)
+        return x + y.view(b, t, -1)
+
+
+class GptOss(nn.Module):
+    def __init__(self, cfg: GptOssConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = nn.Parameter(weights["embed"].to(dtype), requires_grad=False)
+        self.unembed = nn.Parameter(weights["unembed"].to(dtype), requires_grad=False)
+        self.norm = nn.Parameter(weights["norm"].to(dtype), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(cfg, n, weights, dtype)
+                                    for n in range(cfg.num_hidden_layers))
+        self.rope = YarnRope(cfg)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu") -> GptOss:
+        model = cls(ckpt.config, ckpt.weights, dtype)
+        return model.to(device) if torch.device(device).type != "cpu" else model
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """ids [B, T] at positions start..start+T-1 -> final-normed hidden [B, T, H].
+
+        With a cache, its positions before `start` must hold this batch's earlier tokens; the
+        new keys and values are written into it and its length becomes start + T.
+        """
+        b, t = ids.shape
+        if start + t > self.cfg.max_position_embeddings:
+            raise ValueError(f"positions up to {start + t} exceed the model's context of "
+                             f"{self.cfg.max_position_embeddings} tokens")
+        if cache is not None and start + t > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; {start + t} needed")
+        x = F.embedding(ids.to(self.device), self.embed)  # [B, T, H]
+        pos = torch.arange(start, start + t, device=self.device)
+        cos, sin = self.rope.cos_sin(pos)  # [T, D/2]
+        for block in self.blocks:
+            x = block(x, cos, sin, start, cache)
+        if cache is not None:
+            cache.length = start + t
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V] float32."""
+        return F.linear(hidden, self.unembed).float()
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
+               device: str = "cpu", layout: str | None = None,
+               progress: bool | None = None) -> GptOss:
+    """Reads, validates and builds a model from a checkpoint folder (either layout)."""
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = "bfloat16"
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)} or auto")
+        dtype = DTYPES[dtype]
+    ckpt = read_checkpoint(path, layout, progress=progress)  # type: ignore[arg-type]
+    return GptOss.from_checkpoint(ckpt, dtype, device)
