@@ -6,7 +6,7 @@ Reference layout: `original/config.json` + `original/model.safetensors`.
 Every tensor is drawn from its own generator seeded by (seed, internal name), so the same seed
 gives the same bytes, and both layouts of one seed hold identical weights. Files are streamed a
 layer at a time (the safetensors format is an 8-byte header length, a JSON header, then raw
-bytes), so the 20b preset (~13 GB) is written with well under 1 GB of memory.
+bytes), so the 20b preset (~13.8 GB) is written with little memory (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .config import GptOssConfig
-from .layout import Layout, TensorSpec, checkpoint_specs, internal_specs, layer_of, to_checkpoint
+from .layout import (Layout, TensorSpec, checkpoint_names, checkpoint_specs, internal_specs,
+                     layer_of, to_checkpoint)
 from .mxfp4 import SCALE_BIAS
 
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
@@ -40,6 +41,16 @@ def _scale_byte(target_rms: float) -> int:
     return SCALE_BIAS + round(math.log2(target_rms / E2M1_RMS))
 
 
+def _randn_bf16(shape: tuple[int, ...], g: torch.Generator, std: float, mean: float = 0.0,
+                chunk: int = 1 << 24) -> torch.Tensor:
+    """Normal values as bf16, drawn in fixed-size fp32 chunks (bounded memory, deterministic)."""
+    out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
+    for i in range(0, out.numel(), chunk):
+        n = min(chunk, out.numel() - i)
+        out[i:i + n] = torch.randn(n, generator=g).mul_(std).add_(mean)
+    return out.view(shape)
+
+
 def random_tensor(cfg: GptOssConfig, name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
     """One internal tensor of a random model: finite, scaled so activations stay O(1)."""
     g = _generator(seed, name)
@@ -54,29 +65,33 @@ def random_tensor(cfg: GptOssConfig, name: str, spec: TensorSpec, seed: int) -> 
         jitter = torch.randint(-1, 2, spec.shape, generator=g, dtype=torch.int16)
         return (base + jitter).to(torch.uint8)
     if key in ("norm", "attn_norm", "mlp_norm"):
-        x = 1.0 + 0.1 * torch.randn(spec.shape, generator=g)
-    elif key == "embed":
-        x = torch.randn(spec.shape, generator=g)
-    elif key == "unembed":
-        x = torch.randn(spec.shape, generator=g) * (4.0 / math.sqrt(spec.shape[1]))
-    elif key == "sinks":
-        x = torch.randn(spec.shape, generator=g)
-    elif key.endswith("_w"):
-        x = torch.randn(spec.shape, generator=g) / math.sqrt(spec.shape[-1])
-    else:  # biases
-        x = 0.1 * torch.randn(spec.shape, generator=g)
-    return x.to(torch.bfloat16)
+        return _randn_bf16(spec.shape, g, 0.1, mean=1.0)
+    if key in ("embed", "sinks"):
+        return _randn_bf16(spec.shape, g, 1.0)
+    if key == "unembed":  # logits with a std of about 4: peaked enough for stable argmaxes
+        return _randn_bf16(spec.shape, g, 4.0 / math.sqrt(spec.shape[1]))
+    if key.endswith("_w"):
+        return _randn_bf16(spec.shape, g, 1.0 / math.sqrt(spec.shape[-1]))
+    return _randn_bf16(spec.shape, g, 0.1)  # biases
 
 
-def _units(cfg: GptOssConfig) -> list[int]:
-    """Write units: -1 for the global tensors, then each layer."""
-    return [-1, *range(cfg.num_hidden_layers)]
-
-
-def _unit_weights(cfg: GptOssConfig, unit: int, seed: int) -> dict[str, torch.Tensor]:
+def _units(cfg: GptOssConfig) -> list[list[str]]:
+    """Internal names grouped into write units: each global tensor alone, then each layer."""
     specs = internal_specs(cfg)
-    names = [n for n in specs if (layer_of(n) if layer_of(n) is not None else -1) == unit]
-    return {n: random_tensor(cfg, n, specs[n], seed) for n in names}
+    layers: list[list[str]] = [[] for _ in range(cfg.num_hidden_layers)]
+    globals_: list[list[str]] = []
+    for name in specs:
+        layer = layer_of(name)
+        if layer is None:
+            globals_.append([name])
+        else:
+            layers[layer].append(name)
+    return globals_ + layers
+
+
+def _unit_weights(cfg: GptOssConfig, unit: list[str], seed: int) -> dict[str, torch.Tensor]:
+    specs = internal_specs(cfg)
+    return {n: random_tensor(cfg, n, specs[n], seed) for n in unit}
 
 
 def random_weights(cfg: GptOssConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -116,15 +131,14 @@ def write_checkpoint(cfg: GptOssConfig, out: str | Path, *, layout: Layout = "hf
     root = Path(out) / ("original" if layout == "original" else "")
     root.mkdir(parents=True, exist_ok=True)
     specs = checkpoint_specs(cfg, layout)
-    by_unit: dict[int, list[tuple[str, TensorSpec]]] = {u: [] for u in _units(cfg)}
-    for name in sorted(specs):
-        layer = layer_of(name)
-        by_unit[-1 if layer is None else layer].append((name, specs[name]))
+    units = _units(cfg)
+    by_unit = [[(ck, specs[ck]) for ck in checkpoint_names(cfg, layout, names)]
+               for names in units]
 
     # Whole units go to shards in order; the reference layout is always one file.
     shards: list[list[int]] = [[]]
     size = 0
-    for unit in _units(cfg):
+    for unit in range(len(units)):
         unit_bytes = sum(_nbytes(s) for _, s in by_unit[unit])
         if layout == "hf" and shards[-1] and size + unit_bytes > max_shard_bytes:
             shards.append([])
@@ -139,13 +153,14 @@ def write_checkpoint(cfg: GptOssConfig, out: str | Path, *, layout: Layout = "hf
         files = ["model.safetensors"]
         config = cfg.to_original_dict()
     weight_map: dict[str, str] = {}
-    for fname, units in zip(files, shards):
-        entries = [e for u in units for e in by_unit[u]]
+    for fname, shard_units in zip(files, shards):
+        entries = [e for u in shard_units for e in by_unit[u]]
         tmp = root / (fname + ".partial")
         with open(tmp, "wb") as f:
             f.write(_st_header(entries))
-            for unit in units:
-                tensors = to_checkpoint(cfg, layout, _unit_weights(cfg, unit, seed), partial=True)
+            for unit in shard_units:
+                tensors = to_checkpoint(cfg, layout, _unit_weights(cfg, units[unit], seed),
+                                        partial=True)
                 for name, spec in by_unit[unit]:
                     t = tensors[name]
                     assert tuple(t.shape) == spec.shape, name

@@ -115,6 +115,19 @@ def checkpoint_specs(cfg: GptOssConfig, layout: Layout) -> dict[str, TensorSpec]
     return out
 
 
+def checkpoint_names(cfg: GptOssConfig, layout: Layout, names: list[str]) -> list[str]:
+    """Checkpoint names holding these internal tensors (whole layers or globals), sorted."""
+    nm = _name_map(cfg, layout)
+    out = {nm[n] for n in names if n in nm}
+    if layout == "original":
+        for n in names:
+            layer = layer_of(n)
+            if layer is not None and n.endswith(("q_w", "k_w", "v_w", "q_b", "k_b", "v_b")):
+                part = "weight" if n.endswith("_w") else "bias"
+                out.add(f"block.{layer}.attn.qkv.{part}")
+    return sorted(out)
+
+
 def from_checkpoint(cfg: GptOssConfig, layout: Layout,
                     tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors -> internal names (views, never copies)."""
