@@ -77,7 +77,9 @@ class HarmonyTokenizer:
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
         """With `allow_special`, special-token text such as `<|start|>` becomes its token."""
-        return self.encoding.encode(text, allowed_special="all" if allow_special else set())
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode(text, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         """Lossy for a partial UTF-8 sequence (replacement character), never raises."""

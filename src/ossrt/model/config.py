@@ -105,8 +105,10 @@ class GptOssConfig:
         embed = 2 * self.vocab_size * h + h
         blocks = self.num_hidden_layers * (per_layer_dense + e * expert)
         active = self.num_hidden_layers * (per_layer_dense + self.num_experts_per_tok * expert)
+        # "Active" as OpenAI's model card counts it: the embedding lookup is not compute.
+        unembed = self.vocab_size * h + h
         return {"embeddings": embed, "blocks": blocks, "total": embed + blocks,
-                "active": active + embed}
+                "active": active + unembed}
 
     # ---- Hugging Face layout ---------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
@@ -154,6 +156,7 @@ class GptOssConfig:
             "rope_theta": self.rope_theta,
             "router_aux_loss_coef": 0.9,
             "sliding_window": self.sliding_window,
+            "swiglu_alpha": self.swiglu_alpha,
             "swiglu_limit": self.swiglu_limit,
             "tie_word_embeddings": False,
             "use_cache": True,
@@ -162,15 +165,19 @@ class GptOssConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> GptOssConfig:
+        _require_object(d, "config")
         if d.get("model_type", "gpt_oss") != "gpt_oss":
             raise ConfigError(f"model_type is {d.get('model_type')!r}, not 'gpt_oss'")
         # transformers >= 5 writes `rope_parameters` (theta inside); releases write `rope_scaling`.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        _require_object(rope, "rope_scaling")
         if rope and rope.get("rope_type", rope.get("type", "yarn")) != "yarn":
             raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}: gpt-oss uses yarn")
         if rope.get("truncate", False):
             raise ConfigError("rope truncate=true is not what gpt-oss was trained with")
         q = d.get("quantization_config")
+        if q is not None:
+            _require_object(q, "quantization_config")
         if q is not None and q.get("quant_method") != "mxfp4":
             raise ConfigError(f"quantization_config.quant_method is {q.get('quant_method')!r}, "
                               "expected 'mxfp4'")
@@ -229,6 +236,7 @@ class GptOssConfig:
 
     @classmethod
     def from_original_dict(cls, d: dict[str, Any]) -> GptOssConfig:
+        _require_object(d, "config")
         n_layers = _req(d, "num_hidden_layers")
         factor = float(d.get("rope_scaling_factor", 32.0))
         initial = int(d.get("initial_context_length", 4096))
@@ -274,6 +282,11 @@ class GptOssConfig:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)
         return d
+
+
+def _require_object(value: Any, what: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a JSON object, not {type(value).__name__}")
 
 
 def _req(d: dict[str, Any], key: str) -> Any:

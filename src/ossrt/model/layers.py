@@ -47,9 +47,9 @@ class YarnRope(torch.nn.Module):
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, heads, D] -> rotated, same dtype; cos/sin [T, D/2]."""
-        x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, heads, D/2] each
-        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        """x [..., T, heads, D] -> rotated, same dtype; cos/sin [T, D/2]."""
+        x1, x2 = x.float().chunk(2, dim=-1)  # [..., T, heads, D/2] each
+        c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 

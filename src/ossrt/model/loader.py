@@ -74,7 +74,7 @@ def read_config(root: Path, layout: Layout) -> GptOssConfig:
         if layout == "hf":
             return GptOssConfig.from_hf_dict(data)
         return GptOssConfig.from_original_dict(data)
-    except (ConfigError, TypeError) as exc:
+    except (ConfigError, TypeError, ValueError) as exc:  # bad types of values: clear message
         raise CheckpointError(f"{root / 'config.json'}: {exc}") from exc
 
 

@@ -9,6 +9,7 @@ weights stay memory-mapped); expert weights stay MXFP4-packed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,43 @@ class KVCache:
         self.length = 0
 
 
+class AttentionBackend(Protocol):
+    """Where keys and values live. Called once per layer per forward with the new tokens."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 sinks: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] post-RoPE for this step's N tokens -> [N, Hq, D]."""
+        ...
+
+
+class ContiguousAttention:
+    """B sequences of T new tokens at positions start.., optionally with a `KVCache`."""
+
+    def __init__(self, cfg: GptOssConfig, batch: int, t: int, start: int,
+                 cache: KVCache | None) -> None:
+        self.cfg, self.b, self.t, self.start, self.cache = cfg, batch, t, start, cache
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 sinks: torch.Tensor) -> torch.Tensor:
+        b, t, start, window = self.b, self.t, self.start, self.cfg.window(layer)
+        q = q.view(b, t, *q.shape[1:])  # [B, T, Hq, D]
+        k, v = k.view(b, t, *k.shape[1:]), v.view(b, t, *v.shape[1:])  # [B, T, Hkv, D]
+        k_pos0 = start
+        if self.cache is not None:
+            ck, cv = self.cache.k[layer], self.cache.v[layer]
+            ck[:, start:start + t] = k
+            cv[:, start:start + t] = v
+            k_pos0 = 0 if window is None else max(0, start - window + 1)
+            k, v = ck[:, k_pos0:start + t], cv[:, k_pos0:start + t]
+        o = attend(q, k, v, sinks, start, k_pos0, window, self.cfg.head_dim ** -0.5)
+        return o.reshape(b * t, *o.shape[2:])
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor],
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
+        self.cfg, self.layer = cfg, layer
         p = f"layers.{layer}."
         for key in ("attn_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b",
                     "sinks", "mlp_norm", "router_w", "router_b", "w1_bias", "w2_bias"):
@@ -52,32 +85,24 @@ class Block(nn.Module):
         for key in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
             self.register_buffer(key, w[p + key], persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                cache: KVCache | None) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        """x [N, H] -> [N, H]; cos/sin [N, D/2] for each token's position."""
         cfg = self.cfg
-        b, t, _ = x.shape
+        n = x.shape[0]
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        q = F.linear(h, self.q_w, self.q_b).view(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = F.linear(h, self.k_w, self.k_b).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = F.linear(h, self.v_w, self.v_b).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = F.linear(h, self.q_w, self.q_b).view(n, cfg.num_attention_heads, cfg.head_dim)
+        k = F.linear(h, self.k_w, self.k_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        v = F.linear(h, self.v_w, self.v_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
-        k_pos0 = start
-        if cache is not None:
-            cache.k[self.layer][:, start:start + t] = k
-            cache.v[self.layer][:, start:start + t] = v
-            k_pos0 = 0 if self.window is None else max(0, start - self.window + 1)
-            k = cache.k[self.layer][:, k_pos0:start + t]
-            v = cache.v[self.layer][:, k_pos0:start + t]
-        o = attend(q, k, v, self.sinks, start, k_pos0, self.window, cfg.head_dim ** -0.5)
-        x = x + F.linear(o.reshape(b, t, -1), self.o_w, self.o_b)
+        o = attn(self.layer, q, k, v, self.sinks)  # [N, Hq, D]
+        x = x + F.linear(o.reshape(n, -1), self.o_w, self.o_b)
 
-        h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps).view(b * t, -1)
-        y = moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
-                self.w1_blocks, self.w1_scales, self.w1_bias,
-                self.w2_blocks, self.w2_scales, self.w2_bias,
-                cfg.swiglu_limit, cfg.swiglu_alpha)
-        return x + y.view(b, t, -1)
+        h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps)
+        return x + moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
+                       self.w1_blocks, self.w1_scales, self.w1_bias,
+                       self.w2_blocks, self.w2_scales, self.w2_bias,
+                       cfg.swiglu_limit, cfg.swiglu_alpha)
 
 
 class GptOss(nn.Module):
@@ -119,13 +144,22 @@ class GptOss(nn.Module):
                              f"{self.cfg.max_position_embeddings} tokens")
         if cache is not None and start + t > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {start + t} needed")
-        x = F.embedding(ids.to(self.device), self.embed)  # [B, T, H]
-        pos = torch.arange(start, start + t, device=self.device)
-        cos, sin = self.rope.cos_sin(pos)  # [T, D/2]
-        for block in self.blocks:
-            x = block(x, cos, sin, start, cache)
+        pos = torch.arange(start, start + t, device=self.device).repeat(b)  # [B*T]
+        attn = ContiguousAttention(self.cfg, b, t, start, cache)
+        hidden = self.forward_flat(ids.reshape(-1), pos, attn)
         if cache is not None:
             cache.length = start + t
+        return hidden.view(b, t, -1)
+
+    @torch.inference_mode()
+    def forward_flat(self, ids: torch.Tensor, positions: torch.Tensor,
+                     attn: AttentionBackend) -> torch.Tensor:
+        """ids [N], positions [N] (any mix of sequences; `attn` knows which is which)
+        -> final-normed hidden [N, H]."""
+        x = F.embedding(ids.to(self.device), self.embed)  # [N, H]
+        cos, sin = self.rope.cos_sin(positions.to(self.device))  # [N, D/2]
+        for block in self.blocks:
+            x = block(x, cos, sin, attn)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
