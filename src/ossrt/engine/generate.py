@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import GptOss
-from .sampling import SamplingParams, sample
+from .sampler import make_generator, sample
+from .sequence import SamplingParams
 
 
 @dataclass
@@ -34,11 +35,10 @@ def stream_tokens(model: GptOss, prompt: list[int], params: SamplingParams,
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the "
                          f"{limit}-token context")
     result = result or GenerationResult(list(prompt))
-    capacity = min(limit, len(prompt) + params.max_tokens)
+    max_tokens = params.max_tokens or limit
+    capacity = min(limit, len(prompt) + max_tokens)
     cache = model.new_cache(1, capacity)
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator().manual_seed(params.seed)
+    gen = make_generator(params.seed)  # the same stream the batched engine uses for this seed
     stops = set(params.stop_token_ids)
 
     t0 = time.perf_counter()
@@ -48,13 +48,13 @@ def stream_tokens(model: GptOss, prompt: list[int], params: SamplingParams,
     t0 = time.perf_counter()
     try:
         while True:
-            token = sample(logits.cpu(), params.temperature, gen)
+            token = sample(logits.cpu()[None], [params], [result.token_ids], [gen])[0].token
             if token in stops:
                 result.finish_reason = "stop"
                 return
             result.token_ids.append(token)
             yield token
-            if len(result.token_ids) >= params.max_tokens or cache.length >= capacity:
+            if len(result.token_ids) >= max_tokens or cache.length >= capacity:
                 return
             hidden = model(torch.tensor([[token]]), cache.length, cache)
             logits = model.logits(hidden[0, -1])
