@@ -99,6 +99,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    conc = tuple(int(c) for c in args.concurrency.split(","))
+    print(json.dumps(run_bench(args.model, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
+                               decode_tokens=args.decode_tokens,
+                               decode_prompt_tokens=args.decode_prompt_tokens,
+                               concurrency=conc, threads=args.threads,
+                               kv_cache_gb=args.kv_cache_gb), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ossrt", description="The gpt-oss runtime.")
     p.add_argument("--version", action="version", version=f"ossrt {__version__}")
@@ -125,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout", choices=["hf", "original"], default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="engine speed: prefill, decode at 1/4/8 sequences, "
+                                         "time to first token, peak RSS (JSON)")
+    bench.add_argument("--model", required=True)
+    bench.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--decode-prompt-tokens", type=int, default=128)
+    bench.add_argument("--concurrency", default="1,4,8")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--kv-cache-gb", type=float, default=2.0)
+    bench.set_defaults(func=_cmd_bench)
 
     info = sub.add_parser("info", help="show a checkpoint's config and parameter counts")
     info.add_argument("--model", required=True)

@@ -1,0 +1,79 @@
+"""`ossrt bench`: engine speed on any checkpoint, as one JSON object.
+
+Measures, with random prompt ids (speed does not depend on the text):
+- load time of the model;
+- prefill: one request of `prompt_tokens`, time to its first token (TTFT) and prefill tok/s;
+- decode at each concurrency c: c sequences decoding together, aggregate and per-sequence tok/s
+  (timed from the step after every sequence has its first token);
+- peak RSS of the process.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import torch
+
+from .engine.llm_engine import EngineConfig, LLMEngine
+from .engine.sequence import SamplingParams
+from .model import load_model
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 200000, (n,), generator=g).tolist()
+
+
+def _prefill(engine: LLMEngine, n: int) -> dict[str, float]:
+    engine.add_request("prefill", _prompt(n, 1), SamplingParams(temperature=0, max_tokens=1))
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    dt = time.perf_counter() - t0
+    return {"prompt_tokens": n, "ttft_s": round(dt, 3), "prefill_tok_s": round(n / dt, 2)}
+
+
+def _decode(engine: LLMEngine, conc: int, prompt_tokens: int, tokens: int) -> dict[str, float]:
+    params = SamplingParams(temperature=0, max_tokens=tokens + 1)
+    for i in range(conc):
+        engine.add_request(f"dec-{conc}-{i}", _prompt(prompt_tokens, 100 + i), params)
+    produced: dict[str, int] = {}
+    while len(produced) < conc or min(produced.values()) < 1:  # prefill everything first
+        for o in engine.step():
+            produced[o.request_id] = o.num_output_tokens
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    total = conc * tokens
+    return {"concurrency": conc, "decode_steps": steps,
+            "decode_tok_s_aggregate": round(total / dt, 3),
+            "decode_tok_s_per_seq": round(tokens / dt, 3)}
+
+
+def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
+              decode_tokens: int = 32, decode_prompt_tokens: int = 128,
+              concurrency: tuple[int, ...] = (1, 4, 8), threads: int | None = None,
+              kv_cache_gb: float = 2.0) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = load_model(model_dir, dtype, progress=False)
+    load_s = time.perf_counter() - t0
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=max(concurrency),
+                                           max_num_batched_tokens=max(prompt_tokens, 256),
+                                           kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
+                                           enable_prefix_caching=False))
+    result: dict[str, Any] = {
+        "model": model_dir, "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_s": round(load_s, 2), "prefill": _prefill(engine, prompt_tokens),
+        "decode": [_decode(engine, c, decode_prompt_tokens, decode_tokens) for c in concurrency],
+    }
+    result["peak_rss_gib"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)
+    return result
