@@ -111,6 +111,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions, serve
+
+    serve(ServeOptions(model=args.model, host=args.host, port=args.port,
+                       served_model_names=tuple(args.served_model_name or ()),
+                       data_dir=args.data_dir, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                       max_num_seqs=args.max_num_seqs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ossrt", description="The gpt-oss runtime.")
     p.add_argument("--version", action="version", version=f"ossrt {__version__}")
@@ -137,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout", choices=["hf", "original"], default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    srv.add_argument("--model", default=None, help="checkpoint folder (default: gpt-oss-20b from "
+                     "the Hugging Face cache, else the tiny random preset)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", action="append", help="model id(s) to answer to")
+    srv.add_argument("--data-dir", default=None, help="where stored responses live")
+    srv.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    srv.add_argument("--kv-cache-gb", type=float, default=2.0)
+    srv.add_argument("--max-num-seqs", type=int, default=16)
+    srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="engine speed: prefill, decode at 1/4/8 sequences, "
                                          "time to first token, peak RSS (JSON)")

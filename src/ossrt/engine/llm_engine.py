@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,9 +16,9 @@ from ..model import GptOss
 from ..model.config import FULL, SLIDING
 from .kv_cache import KVCacheManager, KVCacheSpec
 from .paged_attention import PagedAttention, PagedKVStorage
-from .sampler import SampledToken, TokenMaskProvider, make_generator, sample
+from .sampler import TokenMaskProvider, make_generator, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from .sequence import SamplingParams, Sequence
+from .sequence import SampledToken, SamplingParams, Sequence, StepOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,21 +34,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-
-
-@dataclass
-class StepOutput:
-    """One sequence's progress in one step."""
-
-    request_id: str
-    index: int  # which of the request's n choices
-    token_ids: list[int]  # new this step (empty when the step only prefilled or it stopped)
-    logprobs: list[SampledToken] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0
 
 
 def kv_cache_spec(model: GptOss, config: EngineConfig) -> KVCacheSpec:

@@ -28,22 +28,12 @@ from typing import Protocol
 
 import torch
 
-from .sequence import SamplingParams
+from .sequence import SampledToken, SamplingParams
 
 # A temperature below this is treated as 0 (greedy): dividing by it would overflow float32 logits.
 GREEDY_TEMPERATURE = 1e-5
 # How many of the most likely tokens top_p ranks first; it widens 16x while the nucleus is larger.
 NUCLEUS_CANDIDATES = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SampledToken:
-    token: int
-    # log-softmax of the RAW logits (before bias, penalties and temperature), as OpenAI and vLLM
-    # report it; None unless params.logprobs is not None
-    logprob: float | None = None
-    # the params.logprobs most likely (token, logprob) of the same raw distribution, best first
-    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class TokenMaskProvider(Protocol):

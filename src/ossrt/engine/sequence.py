@@ -58,6 +58,16 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
 
 
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    token: int
+    # log-softmax of the RAW logits (before bias, penalties and temperature), as OpenAI and vLLM
+    # report it; None unless params.logprobs is not None
+    logprob: float | None = None
+    # the params.logprobs most likely (token, logprob) of the same raw distribution, best first
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -93,3 +103,18 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+
+@dataclass
+class StepOutput:
+    """One sequence's progress in one step."""
+
+    request_id: str
+    index: int  # which of the request's n choices
+    token_ids: list[int]  # new this step (empty when the step only prefilled or it stopped)
+    logprobs: list[SampledToken] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0

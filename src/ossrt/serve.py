@@ -1,0 +1,78 @@
+"""`ossrt serve`: the composition root that loads the model, starts the engine, and hands
+both to the HTTP app (which itself never imports torch)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .harmony.tokenizer import cache_root
+
+HF_REPO_DIR = "models--openai--gpt-oss-20b"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()
+    data_dir: str | None = None
+    dtype: str = "auto"
+    kv_cache_gb: float = 2.0
+    max_num_seqs: int = 16
+
+
+def find_default_model() -> tuple[str, bool]:
+    """(checkpoint folder, is_tiny): the Hugging Face cache's gpt-oss-20b if present, else the
+    tiny random preset, written once into ossrt's cache."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    for cfg in sorted(glob.glob(os.path.join(hub, HF_REPO_DIR, "snapshots", "*", "config.json"))):
+        return str(Path(cfg).parent), False
+    tiny = cache_root() / "tiny-random"
+    if not (tiny / "config.json").is_file():
+        from .model import preset, write_checkpoint
+
+        write_checkpoint(preset("tiny"), tiny, seed=0)
+    return str(tiny), True
+
+
+def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
+    from .engine.async_engine import AsyncEngine
+    from .engine.llm_engine import EngineConfig, LLMEngine
+    from .harmony.tokenizer import get_tokenizer
+    from .model import load_model
+    from .server.app import create_app
+    from .server.state import ModelCard, ServerState
+
+    path, tiny = (opts.model, False) if opts.model else find_default_model()
+    if tiny:
+        print("=" * 72 + "\n  No --model given and no openai/gpt-oss-20b in the Hugging Face cache:\n"
+              "  serving the TINY RANDOM preset (random weights, random text) so the\n"
+              "  whole API can be tried. Download the real weights and pass --model DIR.\n"
+              + "=" * 72, file=sys.stderr)
+    t0 = time.perf_counter()
+    model = load_model(path, opts.dtype)
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=int(opts.kv_cache_gb * (1 << 30)),
+                                           max_num_seqs=opts.max_num_seqs))
+    names = opts.served_model_names or (
+        ("gpt-oss-tiny-random",) if tiny else (Path(path.rstrip("/")).name or "gpt-oss",))
+    note = "tiny random preset: random weights, for trying the API" if tiny else None
+    cards = [ModelCard(id=n, max_model_len=engine.max_model_len,
+                       vocab_size=model.cfg.vocab_size, note=note) for n in names]
+    print(f"ossrt: loaded {path} ({model.cfg.num_hidden_layers} layers, "
+          f"{str(model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f} s; "
+          f"serving {', '.join(names)} on http://{opts.host}:{opts.port}", file=sys.stderr)
+    state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards)
+    return create_app(state)
+
+
+def serve(opts: ServeOptions) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(opts), host=opts.host, port=opts.port, log_level="info")

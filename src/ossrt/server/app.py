@@ -1,0 +1,46 @@
+"""The FastAPI application: OpenAI-compatible routes over an `EngineClient`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from . import errors
+from .errors import not_found
+from .routes_completions import router as completions_router
+from .routes_models import router as models_router
+from .state import ServerState
+
+UNSUPPORTED = {
+    "/v1/embeddings": "embeddings",
+    "/v1/images/generations": "image generation",
+    "/v1/images/edits": "image editing",
+    "/v1/images/variations": "image variations",
+    "/v1/audio/speech": "speech generation",
+    "/v1/audio/transcriptions": "audio transcription",
+    "/v1/audio/translations": "audio translation",
+    "/v1/moderations": "moderation",
+    "/v1/videos": "video generation",
+    "/v1/realtime": "the Realtime API",
+}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss")
+    app.state.ossrt = state
+    errors.install(app)
+    app.include_router(models_router)
+    app.include_router(completions_router)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    for path, what in UNSUPPORTED.items():
+        def make(what: str = what):  # noqa: ANN202 - one handler per unsupported endpoint
+            async def unsupported(request: Request) -> None:
+                raise not_found(f"gpt-oss is a text-only model: it does not do {what}. "
+                                "This server serves /v1/chat/completions, /v1/responses and "
+                                "/v1/completions.", code="unsupported_endpoint")
+            return unsupported
+        app.add_api_route(path, make(), methods=["GET", "POST"], include_in_schema=False)
+    return app

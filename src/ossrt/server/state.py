@@ -1,0 +1,56 @@
+"""What the HTTP layer needs from below: an engine client, a tokenizer, the served models.
+
+The server never imports torch or the model: `ossrt serve` builds the engine and hands it in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..engine.sequence import SamplingParams, StepOutput
+from ..harmony.tokenizer import HarmonyTokenizer
+from .errors import not_found
+
+
+class EngineClient(Protocol):
+    """`ossrt.engine.async_engine.AsyncEngine` satisfies this."""
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None,
+                 mask_provider: Callable[[], Any] | None = None) -> AsyncIterator[StepOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "ossrt"
+    max_model_len: int = 131072
+    vocab_size: int = 201088
+    note: str | None = None  # e.g. that this is the tiny random preset
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "object": "model", "created": self.created,
+                               "owned_by": self.owned_by, "max_model_len": self.max_model_len}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    tokenizer: HarmonyTokenizer
+    models: list[ModelCard]
+
+    def model(self, name: str | None, param: str = "model") -> ModelCard:
+        for card in self.models:
+            if card.id == name:
+                return card
+        raise not_found(f"The model '{name}' does not exist or you do not have access to it.",
+                        param=param, code="model_not_found")

@@ -1,0 +1,141 @@
+"""The HTTP API through the official `openai` client against a live server on a tiny model."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from ossrt.engine.async_engine import AsyncEngine
+from ossrt.engine.llm_engine import EngineConfig, LLMEngine
+from ossrt.harmony.tokenizer import get_tokenizer
+from ossrt.model import load_model, preset, write_checkpoint
+from ossrt.server.app import create_app
+from ossrt.server.state import ModelCard, ServerState
+
+MODEL = "gpt-oss-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    ckpt = tmp_path_factory.mktemp("server-ckpt")
+    write_checkpoint(preset("tiny"), ckpt, seed=3)
+    engine = LLMEngine(load_model(ckpt, "float32", progress=False),
+                       EngineConfig(kv_cache_bytes=32 << 20, max_queue_len=64))
+    front = AsyncEngine(engine)
+    state = ServerState(engine=front, tokenizer=get_tokenizer(),
+                        models=[ModelCard(id=MODEL, max_model_len=engine.max_model_len)])
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+    front.close()
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("nope")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_completion_matches_engine_greedy(client: openai.OpenAI) -> None:
+    a = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6,
+                                  temperature=0, logprobs=2)
+    b = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6,
+                                  temperature=0)
+    assert a.object == "text_completion" and a.choices[0].finish_reason == "length"
+    assert a.choices[0].text == b.choices[0].text and a.choices[0].text
+    assert a.usage.completion_tokens == 6 and a.usage.prompt_tokens == 2
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == 6 and "".join(lp.tokens) == a.choices[0].text
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+
+
+def test_completion_stream_equals_non_stream(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt="One two", max_tokens=8,
+                                     temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="One two", max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completion_stop_string_cuts_text(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop
+    cut = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
+
+
+def test_completion_n_echo_and_token_prompts(client: openai.OpenAI) -> None:
+    tok = get_tokenizer()
+    out = client.completions.create(model=MODEL, prompt=[tok.encode("Hi"), tok.encode("Yo")],
+                                    max_tokens=3, temperature=1, seed=5, n=2, echo=True)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(c.text.startswith("Hi") for c in out.choices if c.index < 2)
+    assert all(c.text.startswith("Yo") for c in out.choices if c.index >= 2)
+
+
+def test_errors_have_openai_shape(client: openai.OpenAI, base_url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=200000)
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", temperature=5)
+    assert err.value.body["param"] == "temperature"
+    r = httpx.post(base_url + "/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model=MODEL, input="x")
+    assert "embeddings" in err.value.body["message"]
+
+
+def test_server_imports_no_torch() -> None:
+    code = ("import sys, ossrt.server.app, ossrt.server.routes_completions; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
