@@ -55,7 +55,7 @@ class _TextStream:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .engine import SamplingParams
-    from .engine.generate import GenerationResult, stream_tokens
+    from .engine.single import GenerationResult, stream_tokens
     from .harmony import get_tokenizer
     from .model import load_model
 

@@ -1,7 +1,8 @@
 """The inference engine: token ids in, token ids out. Knows nothing of text or HTTP.
 
 `LLMEngine` (batched, paged KV cache, prefix reuse; `llm_engine.py`) and its asyncio front
-`AsyncEngine` (`async_engine.py`); `generate` is the single-sequence path of `ossrt generate`.
+`AsyncEngine` (`async_engine.py`); `generate` (`single.py`) is the single-sequence path of
+`ossrt generate`.
 This package's top level is plain Python: the torch-backed names load on first use, so the
 HTTP layer can use the request types without importing torch.
 """
@@ -11,7 +12,7 @@ from typing import Any
 from .sequence import (ContextLengthExceeded, EngineError, QueueFull, SampledToken,
                        SamplingParams, StepOutput)
 
-_LAZY = {"generate": "generate", "GenerationResult": "generate", "sample": "sampler",
+_LAZY = {"generate": "single", "GenerationResult": "single", "sample": "sampler",
          "make_generator": "sampler", "TokenMaskProvider": "sampler"}
 
 
