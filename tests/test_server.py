@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from ossrt.engine.async_engine import AsyncEngine
 from ossrt.engine.llm_engine import EngineConfig, LLMEngine
@@ -24,14 +20,8 @@ from ossrt.server.state import ModelCard, ServerState
 MODEL = "gpt-oss-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory) -> Iterator[str]:
+def base_url(tmp_path_factory, live_server) -> Iterator[str]:
     ckpt = tmp_path_factory.mktemp("server-ckpt")
     write_checkpoint(preset("tiny"), ckpt, seed=3)
     engine = LLMEngine(load_model(ckpt, "float32", progress=False),
@@ -39,21 +29,8 @@ def base_url(tmp_path_factory) -> Iterator[str]:
     front = AsyncEngine(engine)
     state = ServerState(engine=front, tokenizer=get_tokenizer(),
                         models=[ModelCard(id=MODEL, max_model_len=engine.max_model_len)])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(state)) as url:
+        yield url
     front.close()
 
 
@@ -139,3 +116,20 @@ def test_server_imports_no_torch() -> None:
     code = ("import sys, ossrt.server.app, ossrt.server.routes_completions; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chat_on_the_live_model(client: openai.OpenAI) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 10 and full.usage.prompt_tokens > 20
+    assert len(full.choices[0].logprobs.content) == 10
+    assert all(len(t.top_logprobs) == 2 for t in full.choices[0].logprobs.content)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (full.choices[0].message.content or "")
+    # The second request shares the system prompt's blocks through the prefix cache.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0

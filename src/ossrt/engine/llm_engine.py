@@ -149,7 +149,8 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=len(seq.output_token_ids))
+            num_output_tokens=len(seq.output_token_ids),
+            stop_token_id=None if appended else tok.token)
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)

@@ -118,3 +118,4 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    stop_token_id: int | None = None  # the stop token that ended the sequence (not in token_ids)

@@ -133,6 +133,11 @@ class HarmonyStreamParser:
         return events
 
     @property
+    def current_channel(self) -> str | None:
+        """The channel whose content the next token belongs to, if inside a message body."""
+        return self._msg.channel if self._state == "content" and self._msg is not None else None
+
+    @property
     def turn(self) -> ParsedTurn:
         """The summary so far (complete after `finish`)."""
         by_channel = {c: "".join(m.text for m in self.messages

@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 
 from . import errors
 from .errors import not_found
+from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
 from .routes_models import router as models_router
 from .state import ServerState
@@ -30,6 +31,7 @@ def create_app(state: ServerState) -> FastAPI:
     errors.install(app)
     app.include_router(models_router)
     app.include_router(completions_router)
+    app.include_router(chat_router)
 
     @app.get("/health")
     async def health() -> dict:
