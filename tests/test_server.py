@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,6 +19,7 @@ from ossrt.server.app import create_app
 from ossrt.server.state import ModelCard, ServerState
 
 MODEL = "gpt-oss-test"
+LIVE: dict = {}  # the running LLMEngine, for checks behind the API
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,11 @@ def base_url(tmp_path_factory, live_server) -> Iterator[str]:
     front = AsyncEngine(engine)
     state = ServerState(engine=front, tokenizer=get_tokenizer(),
                         models=[ModelCard(id=MODEL, max_model_len=engine.max_model_len)])
+    LIVE["engine"] = engine
     with live_server(create_app(state)) as url:
         yield url
     front.close()
+    LIVE.clear()
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +137,23 @@ def test_chat_on_the_live_model(client: openai.OpenAI) -> None:
     assert text == (full.choices[0].message.content or "")
     # The second request shares the system prompt's blocks through the prefix cache.
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/completions", {"prompt": "Hi"}),
+])
+def test_client_disconnect_aborts_generation(base_url: str, path: str, body: dict) -> None:
+    engine = LIVE["engine"]
+    with httpx.stream("POST", base_url + path, json={
+            "model": MODEL, "stream": True, "max_tokens": 30000, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+        assert engine.has_unfinished()
+    for _ in range(200):  # the connection is closed: the request must go away by itself
+        if not engine.has_unfinished():
+            break
+        time.sleep(0.02)
+    assert not engine.has_unfinished() and engine.kv.usage() == 0.0

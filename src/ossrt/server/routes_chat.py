@@ -19,7 +19,8 @@ from ..harmony import (AssistantMessage, FunctionTool, HarmonyStreamParser, Inst
                        ToolResult, UserMessage, render_prompt)
 from ..harmony.detok import StopMatcher
 from .errors import invalid
-from .routes_completions import StreamOptions, engine_errors, logit_bias_of, sse, stops_of
+from .routes_completions import (StreamOptions, closing, engine_errors, logit_bias_of, sse,
+                                 stops_of)
 from .state import ServerState
 
 router = APIRouter()
@@ -307,7 +308,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             yield sse({**chunk, "choices": [], "usage": usage_obj()})
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(closing(events(), gen), media_type="text/event-stream")
 
 
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -176,6 +176,17 @@ def engine_errors(exc: Exception) -> APIError:
     return invalid(str(exc))
 
 
+async def closing(events: AsyncIterator[str], *below: Any) -> AsyncIterator[str]:
+    """Streams `events`; when it ends or the client goes away, closes the generators below at
+    once, which aborts their engine requests and frees their KV blocks."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        for gen in below:
+            await gen.aclose()
+
+
 def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
@@ -264,7 +275,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             yield sse({**base, "choices": [], "usage": usage_obj()})
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(closing(events(), first), media_type="text/event-stream")
 
 
 async def _chain(first: list[Delta], rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
