@@ -49,6 +49,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     from .model import load_model
     from .server.app import create_app
     from .server.state import ModelCard, ServerState
+    from .server.store import ResponseStore
 
     path, tiny = (opts.model, False) if opts.model else find_default_model()
     if tiny:
@@ -68,7 +69,9 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     print(f"ossrt: loaded {path} ({model.cfg.num_hidden_layers} layers, "
           f"{str(model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f} s; "
           f"serving {', '.join(names)} on http://{opts.host}:{opts.port}", file=sys.stderr)
-    state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards)
+    data_dir = Path(opts.data_dir) if opts.data_dir else cache_root() / "data"
+    state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards,
+                        store=ResponseStore(data_dir))
     return create_app(state)
 
 

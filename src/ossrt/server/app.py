@@ -9,6 +9,7 @@ from .errors import not_found
 from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
 from .routes_models import router as models_router
+from .routes_responses import router as responses_router
 from .state import ServerState
 
 UNSUPPORTED = {
@@ -32,6 +33,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(models_router)
     app.include_router(completions_router)
     app.include_router(chat_router)
+    app.include_router(responses_router)
 
     @app.get("/health")
     async def health() -> dict:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..engine.sequence import SamplingParams, StepOutput
 from ..harmony.tokenizer import HarmonyTokenizer
 from .errors import not_found
+
+if TYPE_CHECKING:
+    from .store import ResponseStore
 
 
 class EngineClient(Protocol):
@@ -47,6 +50,7 @@ class ServerState:
     engine: EngineClient
     tokenizer: HarmonyTokenizer
     models: list[ModelCard]
+    store: ResponseStore | None = None  # stored Responses API objects (None: kept in memory)
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:

@@ -1,0 +1,110 @@
+"""Stored Responses API objects: one SQLite table in the data dir, surviving restarts.
+
+Each row holds a finished response (its JSON), the input items of that request (normalized,
+with ids), and its `previous_response_id`, so a `previous_response_id` chain can be replayed.
+The connection is shared across threads behind a lock; every write is one transaction.
+Handlers call the blocking methods through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "responses.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    model TEXT NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    previous_response_id TEXT
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    id: str
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]]
+    previous_response_id: str | None
+
+
+class ResponseStore:
+    """`ResponseStore(folder)` keeps `folder/responses.sqlite3`; `ResponseStore(None)` is an
+    in-memory store (lost on exit: for tests and apps built without a data dir)."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        if folder is None:
+            self.path: Path | None = None
+            target = ":memory:"
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.path = Path(folder) / DB_NAME
+            target = str(self.path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        with self._lock:
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        row = (response["id"], float(response["created_at"]), str(response["model"]),
+               json.dumps(response), json.dumps(input_items),
+               response.get("previous_response_id"))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", row)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, response, input_items, previous_response_id FROM responses "
+                "WHERE id = ?", (response_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredResponse(row[0], json.loads(row[1]), json.loads(row[2]), row[3])
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+        return cur.rowcount > 0
+
+    def chain(self, response_id: str) -> list[dict[str, Any]] | None:
+        """Every item of the conversation up to and including `response_id` (oldest first:
+        each response's input items, then its output), or None if any link is missing."""
+        links: list[StoredResponse] = []
+        seen: set[str] = set()
+        current: str | None = response_id
+        while current is not None:
+            if current in seen:  # a cycle cannot be written through the API; refuse anyway
+                return None
+            seen.add(current)
+            stored = self.get(current)
+            if stored is None:
+                return None
+            links.append(stored)
+            current = stored.previous_response_id
+        items: list[dict[str, Any]] = []
+        for link in reversed(links):
+            items += link.input_items
+            items += link.response.get("output") or []
+        return items
