@@ -11,10 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import GptOssConfig, yarn_low_high
 from .mxfp4 import dequantize
 
 _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
+_KERNEL_MAX_ROWS = 64  # up to this many tokens per expert, read MXFP4 directly (decode regime)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,7 +145,8 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
         limit: float, alpha: float) -> torch.Tensor:
-    """x [N, H] -> [N, H]. Experts stay MXFP4; each one used is dequantized for this call only.
+    """x [N, H] -> [N, H]. Experts stay MXFP4: for a few tokens the native kernel reads the
+    packed bytes directly; for many, each expert is dequantized for this call only.
 
     Router: top-k of `x W_r^T + b_r`, softmax over those k. Expert e: W1_e [2I, H] from
     blocks [E, 2I, H/32, 16]; W2_e [H, I].
@@ -163,10 +166,15 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         sel = order[start:start + c]  # positions in [N*K]
         start += c
         rows = sel // top_k  # [c] token indices
-        w1 = dequantize(w1_blocks[e], w1_scales[e], x.dtype)  # [2I, H]
-        h = F.linear(x[rows], w1, w1_bias[e])  # [c, 2I]
-        a = swiglu(h, limit, alpha)  # [c, I]
-        w2 = dequantize(w2_blocks[e], w2_scales[e], x.dtype)  # [H, I]
-        y = F.linear(a, w2, w2_bias[e])  # [c, H]
+        xe = x[rows]  # [c, H]
+        if c <= _KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            a = swiglu(kernels.mxfp4_linear(xe, w1_blocks[e], w1_scales[e], w1_bias[e]),
+                       limit, alpha)  # [c, I]
+            y = kernels.mxfp4_linear(a, w2_blocks[e], w2_scales[e], w2_bias[e])  # [c, H]
+        else:
+            w1 = dequantize(w1_blocks[e], w1_scales[e], x.dtype)  # [2I, H]
+            a = swiglu(F.linear(xe, w1, w1_bias[e]), limit, alpha)  # [c, I]
+            w2 = dequantize(w2_blocks[e], w2_scales[e], x.dtype)  # [H, I]
+            y = F.linear(a, w2, w2_bias[e])  # [c, H]
         out.index_add_(0, rows, y * weights.flatten()[sel, None])
     return out

@@ -1,0 +1,46 @@
+"""The native MXFP4 kernel against dequantize-then-matmul, and the fallback switch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ossrt.model import kernels
+from ossrt.model.mxfp4 import dequantize
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ toolchain here")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 40, 96), (8, 33, 32), (11, 128, 320)])
+def test_mxfp4_linear_matches_dequantized_matmul(m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 100 + n)
+    blocks = torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 135, (n, k // 32), dtype=torch.uint8, generator=g)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    ref = torch.nn.functional.linear(x.double(), dequantize(blocks, scales, torch.float32).double(),
+                                     bias.double())
+    got = kernels.mxfp4_linear(x, blocks, scales, bias)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    no_bias = kernels.mxfp4_linear(x, blocks, scales, None)
+    assert torch.allclose(no_bias + bias, got, atol=1e-5)
+
+
+def test_kernel_keeps_input_dtype_and_exact_scale_edges() -> None:
+    blocks = torch.full((2, 1, 16), 0x71, dtype=torch.uint8)  # low nibble 1 (0.5), high 7 (6)
+    scales = torch.tensor([[127], [0]], dtype=torch.uint8)  # 2^0 and 2^-127
+    x = torch.ones(1, 32, dtype=torch.bfloat16)
+    y = kernels.mxfp4_linear(x, blocks, scales, None)
+    assert y.dtype == torch.bfloat16
+    assert y[0, 0].item() == 16 * (0.5 + 6.0)
+    assert y[0, 1].float().item() == 16 * 6.5 * 2.0 ** -127
+
+
+def test_fallback_when_kernels_are_switched_off() -> None:
+    code = ("import os; os.environ['OSSRT_NO_KERNELS'] = '1'\n"
+            "from ossrt.model import kernels; assert not kernels.available()")
+    subprocess.run([sys.executable, "-c", code], check=True)
