@@ -17,6 +17,23 @@ from .mxfp4 import dequantize
 
 _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
 _KERNEL_MAX_ROWS = 64  # up to this many tokens per expert, read MXFP4 directly (decode regime)
+_GEMV_MAX_ROWS = 2  # bf16 dense layers with this few rows use the native GEMV
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T + b -> [..., N] in `out_dtype` (default x's dtype).
+
+    One or two bf16 rows on the CPU (single-sequence decode) go through the native GEMV, which
+    reads the weight at memory bandwidth; everything else through torch.
+    """
+    rows = x.numel() // x.shape[-1]
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and rows <= _GEMV_MAX_ROWS
+            and x.device.type == "cpu" and kernels.available()):
+        y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
+        return y.to(out_dtype or x.dtype)
+    y = F.linear(x, w, b)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,7 +169,7 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
     blocks [E, 2I, H/32, 16]; W2_e [H, I].
     """
     n, _ = x.shape
-    logits = F.linear(x, router_w, router_b)  # [N, E]
+    logits = linear(x, router_w, router_b)  # [N, E]
     top, idx = torch.topk(logits, top_k, dim=-1)  # [N, K]
     weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # [N, K]
     flat = idx.flatten()  # [N*K]

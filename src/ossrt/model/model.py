@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GptOssConfig
-from .layers import YarnRope, attend, moe, rms_norm
+from .layers import YarnRope, attend, linear, moe, rms_norm
 from .loader import Checkpoint, read_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -91,12 +91,12 @@ class Block(nn.Module):
         cfg = self.cfg
         n = x.shape[0]
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        q = F.linear(h, self.q_w, self.q_b).view(n, cfg.num_attention_heads, cfg.head_dim)
-        k = F.linear(h, self.k_w, self.k_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
-        v = F.linear(h, self.v_w, self.v_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        q = linear(h, self.q_w, self.q_b).view(n, cfg.num_attention_heads, cfg.head_dim)
+        k = linear(h, self.k_w, self.k_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        v = linear(h, self.v_w, self.v_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
         o = attn(self.layer, q, k, v, self.sinks)  # [N, Hq, D]
-        x = x + F.linear(o.reshape(n, -1), self.o_w, self.o_b)
+        x = x + linear(o.reshape(n, -1), self.o_w, self.o_b)
 
         h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps)
         return x + moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
@@ -165,7 +165,7 @@ class GptOss(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] float32."""
-        return F.linear(hidden, self.unembed).float()
+        return linear(hidden, self.unembed, out_dtype=torch.float32)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",

@@ -53,3 +53,8 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     mod = _load()
     y = mod.mxfp4_linear(x.float(), blocks, scales, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 @ w [N, K] bf16 (+ bias) -> [M, N] float32, accumulated in fp32."""
+    return _load().bf16_linear(x, w, bias)

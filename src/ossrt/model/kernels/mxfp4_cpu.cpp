@@ -92,6 +92,57 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
   return y;
 }
 
+// bf16 linear layer for a few rows: y[m, n] = bias[n] + sum_k w[n, k] x[m, k], fp32 accumulation.
+// x [M, K] bf16, w [N, K] bf16 (row-major), bias [N] or none; returns [M, N] float32.
+// With AVX512-BF16 each 32-wide step is one dot-product instruction per row of x, so reading
+// w once dominates (bandwidth-bound); elsewhere it falls back to at::linear.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16,
+              "x and w must be bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+#if defined(__AVX512BF16__)
+  if (K % 32 == 0) {
+    x = x.contiguous();
+    w = w.contiguous();
+    auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+    float* yp = y.data_ptr<float>();
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    torch::Tensor b32;
+    const float* bp = nullptr;
+    if (bias.has_value()) {
+      b32 = bias->to(torch::kFloat32).contiguous();
+      bp = b32.data_ptr<float>();
+    }
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint16_t* wr = wp + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+          const int64_t mc = std::min<int64_t>(8, M - m0);
+          __m512 a[8];
+          for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
+          for (int64_t k = 0; k < K; k += 32) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
+            for (int64_t i = 0; i < mc; ++i) {
+              __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + (m0 + i) * K + k);
+              a[i] = _mm512_dpbf16_ps(a[i], wv, xv);
+            }
+          }
+          for (int64_t i = 0; i < mc; ++i)
+            yp[(m0 + i) * N + n] = _mm512_reduce_add_ps(a[i]) + (bp ? bp[n] : 0.f);
+        }
+      }
+    });
+    return y;
+  }
+#endif
+  return at::linear(x.to(torch::kFloat32), w.to(torch::kFloat32),
+                    bias.has_value() ? c10::optional<torch::Tensor>(bias->to(torch::kFloat32))
+                                     : c10::nullopt);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "MXFP4 linear layer (CPU)");
+  m.def("bf16_linear", &bf16_linear, "bf16 linear layer for few rows (CPU)");
 }
