@@ -117,7 +117,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(ServeOptions(model=args.model, host=args.host, port=args.port,
                        served_model_names=tuple(args.served_model_name or ()),
                        data_dir=args.data_dir, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                       max_num_seqs=args.max_num_seqs))
+                       max_num_seqs=args.max_num_seqs, api_key=args.api_key,
+                       rate_limits=args.rate_limits,
+                       allow_unauthenticated=args.allow_unauthenticated,
+                       metrics_public=args.metrics_public))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from .harmony.tokenizer import cache_root
+    from .server.keys import KeyStore
+
+    store = KeyStore(Path(args.data_dir) if args.data_dir else cache_root() / "data")
+    if args.action == "create":
+        rec, key = store.create(args.tier)
+        print(key)
+        print(f"created {rec.id} (tier {rec.tier}) in {store.path}: this key is shown only once",
+              file=sys.stderr)
+    elif args.action == "list":
+        for rec in store.list(include_revoked=args.all):
+            print(json.dumps(rec.to_dict()))
+    else:
+        if not args.key_id:
+            raise ValueError("revoke needs a key id (see `ossrt keys list`) or the key")
+        rec = store.revoke(args.key_id)
+        if rec is None:
+            raise ValueError(f"no live key {args.key_id!r} in {store.path}")
+        print(f"revoked {rec.id} ({rec.hint}, tier {rec.tier})", file=sys.stderr)
     return 0
 
 
@@ -158,7 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     srv.add_argument("--kv-cache-gb", type=float, default=2.0)
     srv.add_argument("--max-num-seqs", type=int, default=16)
+    srv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
+                     "KEY; tier 'default'); more keys: `ossrt keys create`")
+    srv.add_argument("--rate-limits", default=None, help="TOML file of [tiers.NAME] limits "
+                     "(see docs/rate-limits.example.toml)")
+    srv.add_argument("--allow-unauthenticated", action="store_true",
+                     help="serve on a non-loopback --host without any API key")
+    srv.add_argument("--metrics-public", action="store_true",
+                     help="GET /metrics needs no key even when auth is on")
     srv.set_defaults(func=_cmd_serve)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed in DATA_DIR/keys.sqlite3)")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="revoke: the key id (or the key itself)")
+    keys.add_argument("--tier", default="default", help="create: the key's rate-limit tier")
+    keys.add_argument("--all", action="store_true", help="list: include revoked keys")
+    keys.add_argument("--data-dir", default=None, help="default: the cache's data folder")
+    keys.set_defaults(func=_cmd_keys)
 
     bench = sub.add_parser("bench", help="engine speed: prefill, decode at 1/4/8 sequences, "
                                          "time to first token, peak RSS (JSON)")

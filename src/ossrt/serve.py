@@ -25,6 +25,10 @@ class ServeOptions:
     dtype: str = "auto"
     kv_cache_gb: float = 2.0
     max_num_seqs: int = 16
+    api_key: str | None = None  # one static key (tier "default"); more via `ossrt keys`
+    rate_limits: str | None = None  # TOML file of [tiers.NAME] tables
+    allow_unauthenticated: bool = False  # serve beyond loopback without keys
+    metrics_public: bool = False  # GET /metrics without a key
 
 
 def find_default_model() -> tuple[str, bool]:
@@ -48,9 +52,14 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     from .harmony.tokenizer import get_tokenizer
     from .model import load_model
     from .server.app import create_app
+    from .server.auth import configure as configure_auth
     from .server.state import ModelCard, ServerState
     from .server.store import ResponseStore
 
+    auth, limiter, auth_banner = configure_auth(  # before loading: refuse an open public bind
+        api_key=opts.api_key, rate_limits=opts.rate_limits, host=opts.host,
+        data_dir=Path(opts.data_dir) if opts.data_dir else cache_root() / "data",
+        allow_unauthenticated=opts.allow_unauthenticated)
     path, tiny = (opts.model, False) if opts.model else find_default_model()
     if tiny:
         print("=" * 72 + "\n  No --model given and no openai/gpt-oss-20b in the Hugging Face cache:\n"
@@ -71,11 +80,28 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
           f"serving {', '.join(names)} on http://{opts.host}:{opts.port}", file=sys.stderr)
     data_dir = Path(opts.data_dir) if opts.data_dir else cache_root() / "data"
     state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards,
-                        store=ResponseStore(data_dir))
+                        store=ResponseStore(data_dir), auth=auth, rate_limits=limiter,
+                        metrics_public=opts.metrics_public, engine_stats=engine_stats(engine))
+    print(f"ossrt: {auth_banner}", file=sys.stderr)
     return create_app(state)
 
 
+def engine_stats(engine):  # noqa: ANN001, ANN201 - an LLMEngine -> its /metrics gauges
+    def stats() -> dict[str, float]:
+        return {"queue_length": engine.scheduler.num_waiting,
+                "running": engine.scheduler.num_running,
+                "preemptions": engine.num_preemptions, "kv_cache_usage": engine.kv.usage()}
+    return stats
+
+
 def serve(opts: ServeOptions) -> None:
+    import logging
+
     import uvicorn
 
+    access = logging.getLogger("ossrt.access")  # one JSON line per request, on stderr
+    if not access.handlers:
+        access.addHandler(logging.StreamHandler())
+        access.setLevel(logging.INFO)
+        access.propagate = False
     uvicorn.run(build_app(opts), host=opts.host, port=opts.port, log_level="info")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
+from . import auth as gateway
 from . import errors
 from .errors import not_found
 from .routes_chat import router as chat_router
@@ -30,6 +31,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss")
     app.state.ossrt = state
     errors.install(app)
+    gateway.install(app, state)  # API keys, rate limits, /metrics, access log, x-request-id
     app.include_router(models_router)
     app.include_router(completions_router)
     app.include_router(chat_router)

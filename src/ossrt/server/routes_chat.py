@@ -18,6 +18,7 @@ from ..harmony import (AssistantMessage, FunctionTool, HarmonyStreamParser, Inst
                        ReasoningDelta, TextDelta, ToolCall, ToolCallArgsDelta, ToolCallStart,
                        ToolResult, UserMessage, render_prompt)
 from ..harmony.detok import StopMatcher
+from .metrics import record_usage
 from .errors import invalid
 from .routes_completions import (StreamOptions, closing, engine_errors, logit_bias_of, sse,
                                  stops_of)
@@ -173,6 +174,7 @@ async def run_chat(state: ServerState, prompt: list[int], params: SamplingParams
                 break
     finally:
         await stream.aclose()
+        record_usage(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"], usage["reasoning_tokens"])  # noqa: E501
 
 
 def _finish_of(parser: HarmonyStreamParser, engine_reason: str | None) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sequence import ContextLengthExceeded, QueueFull, SampledToken, SamplingParams
 from ..harmony.detok import IncrementalDecoder, StopMatcher
+from .metrics import record_usage
 from .errors import APIError, invalid
 from .state import ServerState
 
@@ -120,6 +121,7 @@ async def run_prompt(state: ServerState, prompt_ids: list[int], params: Sampling
                 break
     finally:
         await stream.aclose()  # aborts the engine request if it is still running
+        record_usage(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"])
 
 
 def logprobs_obj(state: ServerState, lps: list[SampledToken], offset: int) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from ..harmony.tokenizer import HarmonyTokenizer
 from .errors import not_found
 
 if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .ratelimit import RateLimiter
     from .store import ResponseStore
 
 
@@ -51,6 +53,10 @@ class ServerState:
     tokenizer: HarmonyTokenizer
     models: list[ModelCard]
     store: ResponseStore | None = None  # stored Responses API objects (None: kept in memory)
+    auth: Authenticator | None = None  # API keys (None: auth off)
+    rate_limits: RateLimiter | None = None  # per-key tiers (None: unlimited)
+    metrics_public: bool = False  # GET /metrics without a key even when auth is on
+    engine_stats: Callable[[], dict[str, float]] | None = None  # engine gauges for /metrics
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:
