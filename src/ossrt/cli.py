@@ -120,7 +120,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        max_num_seqs=args.max_num_seqs, api_key=args.api_key,
                        rate_limits=args.rate_limits,
                        allow_unauthenticated=args.allow_unauthenticated,
-                       metrics_public=args.metrics_public))
+                       metrics_public=args.metrics_public,
+                       max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                       shutdown_timeout=args.shutdown_timeout))
     return 0
 
 
@@ -192,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve on a non-loopback --host without any API key")
     srv.add_argument("--metrics-public", action="store_true",
                      help="GET /metrics needs no key even when auth is on")
+    srv.add_argument("--max-body-mb", type=float, default=8.0,
+                     help="refuse request bodies larger than this (413)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds to let open requests finish before cutting them")
     srv.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed in DATA_DIR/keys.sqlite3)")

@@ -29,6 +29,8 @@ class ServeOptions:
     rate_limits: str | None = None  # TOML file of [tiers.NAME] tables
     allow_unauthenticated: bool = False  # serve beyond loopback without keys
     metrics_public: bool = False  # GET /metrics without a key
+    max_body_bytes: int = 8 << 20  # larger request bodies get a 413 before parsing
+    shutdown_timeout: float = 30.0  # on SIGTERM: s to let open streams finish, then cut them
 
 
 def find_default_model() -> tuple[str, bool]:
@@ -83,7 +85,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
                         store=ResponseStore(data_dir), auth=auth, rate_limits=limiter,
                         metrics_public=opts.metrics_public, engine_stats=engine_stats(engine))
     print(f"ossrt: {auth_banner}", file=sys.stderr)
-    return create_app(state)
+    return create_app(state, max_body_bytes=opts.max_body_bytes)
 
 
 def engine_stats(engine):  # noqa: ANN001, ANN201 - an LLMEngine -> its /metrics gauges
@@ -104,4 +106,8 @@ def serve(opts: ServeOptions) -> None:
         access.addHandler(logging.StreamHandler())
         access.setLevel(logging.INFO)
         access.propagate = False
-    uvicorn.run(build_app(opts), host=opts.host, port=opts.port, log_level="info")
+    # SIGTERM / Ctrl-C: uvicorn stops accepting, lets open requests (streams included) finish
+    # for up to shutdown_timeout s, cancels what is left (closing those connections), then the
+    # app's lifespan closes the engine thread and the response store.
+    uvicorn.run(build_app(opts), host=opts.host, port=opts.port, log_level="info",
+                timeout_graceful_shutdown=max(0.0, opts.shutdown_timeout))

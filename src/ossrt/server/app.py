@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from . import auth as gateway
 from . import errors
 from .errors import not_found
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, lifespan_for
 from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
 from .routes_models import router as models_router
@@ -27,11 +28,15 @@ UNSUPPORTED = {
 }
 
 
-def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss")
+def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The app; on shutdown it closes `state.engine` and `state.store` (when they have a
+    `close`). Request bodies over `max_body_bytes` get a 413 before they are parsed."""
+    app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss",
+                  lifespan=lifespan_for(state))
     app.state.ossrt = state
     errors.install(app)
     gateway.install(app, state)  # API keys, rate limits, /metrics, access log, x-request-id
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)  # outermost: before all reads
     app.include_router(models_router)
     app.include_router(completions_router)
     app.include_router(chat_router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,7 +78,10 @@ def _text_of(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "input_text", "output_text"):
-                out.append(str(part.get("text", "")))
+                if not isinstance(part.get("text", ""), str):
+                    raise invalid("a text part's 'text' must be a string",
+                                  f"{where}.content[{i}].text")
+                out.append(part.get("text", ""))
             elif kind in ("image_url", "input_image", "input_audio", "file", "input_file"):
                 raise invalid(f"gpt-oss is a text-only model: '{kind}' content is not supported",
                               f"{where}.content[{i}]", code="unsupported_content")
@@ -98,18 +102,26 @@ def to_conversation(messages: list[dict[str, Any]]) -> list[Any]:
             out.append(UserMessage(_text_of(m.get("content"), where)))
         elif role == "assistant":
             calls = []
-            for j, tc in enumerate(m.get("tool_calls") or []):
-                fn = tc.get("function") or {}
-                if not fn.get("name"):
+            raw_calls = m.get("tool_calls") or []
+            if not isinstance(raw_calls, list):
+                raise invalid("'tool_calls' must be a list", f"{where}.tool_calls")
+            for j, tc in enumerate(raw_calls):
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn[
+                        "name"]:
                     raise invalid("tool call without a function name",
                                   f"{where}.tool_calls[{j}].function.name")
-                calls.append(ToolCall(call_id=tc.get("id") or f"call_{j}", name=fn["name"],
-                                      arguments=fn.get("arguments") or "{}"))
+                args = fn.get("arguments") or "{}"
+                if not isinstance(args, str):
+                    args = json.dumps(args)
+                call_id = tc.get("id")
+                calls.append(ToolCall(call_id=call_id if isinstance(call_id, str) and call_id
+                                      else f"call_{j}", name=fn["name"], arguments=args))
             reasoning = m.get("reasoning_content") or m.get("reasoning") or None
             text = _text_of(m.get("content"), where) or None
             out.append(AssistantMessage(text=text, reasoning=reasoning, tool_calls=tuple(calls)))
         elif role == "tool":
-            if not m.get("tool_call_id"):
+            if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
                 raise invalid("a tool message needs 'tool_call_id'", f"{where}.tool_call_id")
             out.append(ToolResult(call_id=m["tool_call_id"],
                                   output=_text_of(m.get("content"), where)))

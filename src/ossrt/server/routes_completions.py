@@ -21,6 +21,7 @@ from .errors import APIError, invalid
 from .state import ServerState
 
 router = APIRouter()
+MAX_CHOICES = 128  # sequences one request may start (n x prompts), as OpenAI's n <= 128
 
 
 class StreamOptions(BaseModel):
@@ -213,6 +214,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = [list(x) for x in p]  # type: ignore[union-attr]
     if not prompts or any(not x for x in prompts):
         raise invalid("'prompt' must not be empty", "prompt")
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise invalid(f"'n' times the number of prompts must be at most {MAX_CHOICES} "
+                      f"(got {body.n} x {len(prompts)})", "n")
     params = SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,

@@ -87,6 +87,9 @@ def normalize_input(raw: str | list[Any]) -> list[dict[str, Any]]:
             out.append({"type": "message", "id": item.get("id") or _new_id("msg"), "role": role,
                         "status": "completed", "content": [part]})
         elif kind == "reasoning":
+            for key in ("content", "summary"):
+                if not isinstance(item.get(key) or [], list):
+                    raise invalid(f"a reasoning item's '{key}' must be a list", f"{where}.{key}")
             content = [{"type": "reasoning_text", "text": str(p.get("text", ""))}
                        for p in item.get("content") or [] if isinstance(p, dict)]
             summary = [{"type": "summary_text", "text": str(p.get("text", ""))}

@@ -1,0 +1,130 @@
+"""Request-size bound and clean shutdown for the HTTP app.
+
+`BodyLimit` is a pure-ASGI middleware, outermost, so nothing (the gateway's rate-limit body
+read included) ever holds more than `max_body_bytes` of one request: a declared
+`Content-Length` over the limit is refused at once, before any byte of the body is read; a
+chunked body is read up to the limit and refused as soon as it goes over. Either way the
+answer is a 413 in OpenAI's error shape, sent before any JSON parsing.
+
+`lifespan` closes what the app was handed when the server stops: the engine client (its model
+thread) and the response store (the SQLite connection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # 8 MiB: far beyond any context window's worth of JSON
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def too_large_body(limit: int) -> bytes:
+    return json.dumps({"error": {
+        "message": f"The request body is larger than this server's limit of {limit} bytes.",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+
+
+class BodyLimit:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, int(max_body_bytes)
+
+    async def _refuse(self, send: Send) -> None:
+        raw = too_large_body(self.limit)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(raw)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": raw})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for k, v in scope.get("headers", []):
+            if k.lower() == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = None
+                break
+        if declared is not None and declared > self.limit:
+            await self._refuse(send)
+            return
+        if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            # Bounded by its declared length (the server enforces it) or bodiless by use:
+            # count anyway, so a lying client cannot stream past the limit.
+            await self.app(scope, self._counting(receive), send)
+            return
+        # Chunked: read it all (at most the limit), then hand it on.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    def _counting(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # more than declared and allowed: treat as gone
+                    return {"type": "http.disconnect"}
+            return msg
+        return counted
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+def lifespan_for(state: Any) -> Callable[[FastAPI], Any]:
+    """A FastAPI lifespan that closes the engine client and the response store on shutdown
+    (uvicorn runs it after it has stopped accepting and drained or cancelled open requests)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for name in ("engine", "store"):
+            close = getattr(getattr(state, name, None), "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - shut the rest down regardless
+                log.exception("closing the %s failed", name)
+    return lifespan
