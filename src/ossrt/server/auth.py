@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request, Response
 
 from .errors import APIError
 from .keys import KeyStore
+from .limits import replay_body
 from .metrics import Metrics, RequestRecord, current_request, usage_from_api, usage_from_sse
 from .ratelimit import RateLimiter, estimate_cost, load_tiers
 
@@ -229,7 +230,7 @@ class Gateway:
                 body += msg.get("body", b"")
                 if not msg.get("more_body"):
                     break
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
             try:
                 parsed = json.loads(body) if body else None
             except ValueError:
@@ -303,19 +304,6 @@ class Gateway:
 
     def _count_tokens(self, text: str) -> int:
         return len(self.state.tokenizer.encode(text, allow_special=False))
-
-
-def _replay(body: bytes, receive: Callable[[], Awaitable[Message]]
-            ) -> Callable[[], Awaitable[Message]]:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-    return replay
 
 
 def install(app: FastAPI, state: ServerState) -> Metrics:

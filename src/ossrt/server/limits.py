@@ -84,7 +84,7 @@ class BodyLimit:
             chunks.append(chunk)
             if not msg.get("more_body"):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
     def _counting(self, receive: Receive) -> Receive:
         seen = 0
@@ -100,7 +100,8 @@ class BodyLimit:
         return counted
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that first hands back `body` (already read), then defers to `receive`."""
     sent = False
 
     async def replay() -> Message:
