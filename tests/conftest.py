@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+import torch
 
 
 @contextmanager
@@ -42,3 +43,13 @@ def _serve(app) -> Iterator[str]:  # noqa: ANN001 - an ASGI app
 def live_server() -> Callable:
     """`with live_server(app) as base_url: ...`"""
     return _serve
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP's spinning threads make it 10x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,7 @@ SMALL = preset("tiny").replace(vocab_size=1024, intermediate_size=96, num_hidden
 ST_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    OpenMP's spinning threads make it 10x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _header(path: Path) -> dict:

@@ -37,26 +37,11 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TextStream:
-    """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
-        self.tok, self.ids, self.shown = tokenizer, [], 0
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[self.shown:])
-        sys.stdout.flush()
-        self.shown = len(text)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .engine import SamplingParams
     from .engine.single import GenerationResult, stream_tokens
     from .harmony import get_tokenizer
+    from .harmony.detok import IncrementalDecoder
     from .model import load_model
 
     tok = get_tokenizer()
@@ -67,10 +52,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed, stop_token_ids=tok.stop_token_ids)
     result = GenerationResult(prompt)
-    stream = None if args.json else _TextStream(tok)
+    text = None if args.json else IncrementalDecoder(tok)
     for token in stream_tokens(model, prompt, params, result):
-        if stream:
-            stream.push(token)
+        if text:
+            sys.stdout.write(text.push(token))
+            sys.stdout.flush()
+    if text:
+        sys.stdout.write(text.flush())
     decode_tps = (len(result.token_ids) - 1) / result.decode_seconds if len(
         result.token_ids) > 1 and result.decode_seconds > 0 else None
     if args.json:

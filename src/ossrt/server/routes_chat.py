@@ -21,8 +21,8 @@ from ..harmony import (AssistantMessage, FunctionTool, HarmonyStreamParser, Inst
 from ..harmony.detok import StopMatcher
 from .metrics import record_usage
 from .errors import invalid
-from .routes_completions import (StreamOptions, closing, engine_errors, logit_bias_of, sse,
-                                 stops_of)
+from .routes_completions import (StreamOptions, closing, engine_errors, logit_bias_of,
+                                 prepend, sse, stops_of)
 from .state import ServerState
 
 router = APIRouter()
@@ -256,7 +256,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 
     if not body.stream:
         runs: dict[int, ChoiceRun] = {}
-        async for run, _ in _prepend(first, gen):
+        async for run, _ in prepend(first, gen):
             runs[run.index] = run
         choices = []
         for i in range(body.n):
@@ -289,7 +289,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         for i in range(body.n):
             yield delta(i, {"role": "assistant", "content": ""})
         tool_index: dict[tuple[int, int], int] = {}
-        async for run, evs in _prepend(first, gen):
+        async for run, evs in prepend(first, gen):
             i = run.index
             for ev in evs:
                 if run.stopped:
@@ -323,10 +323,3 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         yield sse("[DONE]")
 
     return StreamingResponse(closing(events(), gen), media_type="text/event-stream")
-
-
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    if first is not None:
-        yield first
-    async for item in rest:
-        yield item

@@ -190,6 +190,14 @@ async def closing(events: AsyncIterator[str], *below: Any) -> AsyncIterator[str]
             await gen.aclose()
 
 
+async def prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`first` (unless None: the stream was empty), then the rest of the stream."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
 def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
@@ -269,8 +277,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         for i, text in echo.items():
             yield sse({**base, "choices": [{"text": text, "index": i, "logprobs": None,
                                             "finish_reason": None}]})
-        pending = [head] if head else []
-        async for d in _chain(pending, first):
+        async for d in prepend(head, first):
             lp = None
             if body.logprobs is not None:
                 lp = logprobs_obj(state, d.logprobs, offsets[d.index])
@@ -282,11 +289,3 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         yield sse("[DONE]")
 
     return StreamingResponse(closing(events(), first), media_type="text/event-stream")
-
-
-async def _chain(first: list[Delta], rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    for d in first:
-        yield d
-    async for d in rest:
-        yield d
-

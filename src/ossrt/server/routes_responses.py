@@ -26,8 +26,8 @@ from ..harmony import (AssistantMessage, FunctionTool, InstructionsMessage, Mess
                        PreambleDelta, ReasoningDelta, TextDelta, ToolCall, ToolCallArgsDelta,
                        ToolCallStart, ToolResult, UserMessage, render_prompt)
 from .errors import APIError, invalid, not_found
-from .routes_chat import _prepend, _text_of, run_chat
-from .routes_completions import engine_errors
+from .routes_chat import _text_of, run_chat
+from .routes_completions import engine_errors, prepend
 from .state import ServerState
 from .store import ResponseStore
 
@@ -372,7 +372,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
 
     async def produce() -> AsyncIterator[dict[str, Any]]:
         finish = None
-        async for run, evs in _prepend(first, gen):
+        async for run, evs in prepend(first, gen):
             if run.finish == "length":
                 builder.status = "incomplete"
             for ev in evs:
