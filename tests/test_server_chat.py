@@ -27,11 +27,13 @@ class ScriptedEngine:
     def __init__(self) -> None:
         self.scripts: list[list[int]] = []
         self.prompts: list[list[int]] = []
+        self.mask_providers: list = []  # what each request passed (None: unconstrained)
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                  request_id: str | None = None, mask_provider=None  # noqa: ANN001
                  ) -> AsyncIterator[StepOutput]:
         self.prompts.append(list(prompt_token_ids))
+        self.mask_providers.append(mask_provider)
         script = self.scripts.pop(0)
         return self._replay(script, params, len(prompt_token_ids))
 
@@ -188,3 +190,24 @@ def test_chat_errors(scripted) -> None:
                                        tool_choice={"type": "function",
                                                     "function": {"name": "other"}})
     assert err.value.body["param"] == "tool_choice"
+
+
+def test_response_format_is_shown_to_the_model_and_enforced(scripted) -> None:
+    client, engine = scripted
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"], "additionalProperties": False}
+    engine.scripts += [harmony('<|channel|>final<|message|>{"city":"Oslo"}', RETURN),
+                       harmony("<|channel|>final<|message|>Hi", RETURN)]
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "where?"}],
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "place", "description": "A place", "schema": schema, "strict": True}})
+    assert json.loads(r.choices[0].message.content) == {"city": "Oslo"}
+    prompt = get_tokenizer().decode(engine.prompts[-1])
+    developer = prompt.split("<|start|>developer<|message|>")[1].split("<|end|>")[0]
+    assert "# Response Formats\n\n## place\n\n// A place\n" in developer
+    assert json.dumps(schema, separators=(",", ":")) in developer
+    provider = engine.mask_providers[-1]
+    assert provider is not None and provider().allowed() is not None
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert engine.mask_providers[-1] is None  # nothing to enforce: no constraint at all

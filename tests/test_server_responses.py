@@ -255,10 +255,14 @@ def test_errors(served) -> None:
             {"type": "input_image", "image_url": "data:x"}]}])
     assert err.value.body["param"] == "input[0].content[0]"
     with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="x", text={"format": {"type": "yaml"}})
+    assert err.value.body["param"] == "text.format.type"
+    with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=MODEL, input="x", text={"format": {
-            "type": "json_schema", "name": "x", "schema": {"type": "object"}}})
-    assert err.value.body["param"] == "text.format"
-    assert "not supported yet" in err.value.body["message"]
+            "type": "json_schema", "name": "x", "schema": {"type": "array",
+                                                           "uniqueItems": True}}})
+    assert err.value.body["param"] == "text.format.schema"
+    assert "'uniqueItems' is not supported" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
     assert err.value.body["param"] == "tools[0].type"

@@ -23,7 +23,7 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -42,8 +42,11 @@ class TokenMaskProvider(Protocol):
     to `sample`, and then tells each provider the token that was actually sampled.
     """
 
-    def allowed(self) -> torch.Tensor | None:
-        """bool [V] (True = allowed) for the next token, or None for no constraint."""
+    def allowed(self) -> Any:
+        """The tokens allowed next, or None for no constraint: either a bool tensor [V]
+        (True = allowed) or a packed bitmask of ceil(V/32) int32 words (a numpy array or a
+        tensor), bit i % 32 of word i // 32 set when token i is allowed. Providers above the
+        engine (the HTTP layer imports no torch) give the bitmask."""
         ...
 
     def advance(self, token: int) -> None:
@@ -98,7 +101,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, params: Sequence[SamplingPara
 
 def processed_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
                      output_tokens: Sequence[Sequence[int]],
-                     masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                     masks: Sequence[Any] | None = None) -> torch.Tensor:
     """logits [B, V] -> float32 [B, V]: what each row is drawn from.
 
     Sampled rows: biased, penalized, masked, divided by the temperature, and top_k/top_p/min_p
@@ -140,11 +143,12 @@ def processed_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            output_tokens: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
-           masks: Sequence[torch.Tensor | None] | None = None) -> list[SampledToken]:
+           masks: Sequence[Any] | None = None) -> list[SampledToken]:
     """One token for each row of logits [B, V] (float32, one row per sequence sampling now).
 
     `output_tokens[r]` is row r's generated tokens so far (for the penalties), `generators[r]` its
-    own generator (see make_generator), `masks[r]` an optional bool [V] of allowed tokens.
+    own generator (see make_generator), `masks[r]` an optional mask of allowed tokens (bool [V] or
+    a packed int32 bitmask, see TokenMaskProvider.allowed).
     """
     if len(generators) != len(params):
         raise ValueError(f"{len(params)} params but {len(generators)} generators")
@@ -189,14 +193,31 @@ def _check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
         raise ValueError(f"{what} holds a token id outside the vocabulary [0, {vocab})")
 
 
-def _apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> None:
-    """In place: x [B, V] gets -inf wherever row r's bool [V] mask is False."""
+_BITS = torch.arange(8, dtype=torch.uint8)  # [8]
+
+
+def unpack_bitmask(words: Any, vocab: int) -> torch.Tensor:
+    """A packed bitmask (ceil(V/32) int32 words, numpy or torch; bit i % 32 of word i // 32 is
+    token i) -> bool [vocab]. Little-endian word layout, as llguidance and xgrammar write it."""
+    packed = torch.as_tensor(words)
+    if packed.dtype != torch.int32 or packed.dim() != 1 or packed.numel() * 32 < vocab:
+        raise ValueError(f"a packed mask must be int32 [{(vocab + 31) // 32}], "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    u8 = packed.contiguous().view(torch.uint8)  # [4W], little-endian bytes
+    return ((u8[:, None] >> _BITS) & 1).flatten()[:vocab].bool()  # [V]
+
+
+def _apply_masks(x: torch.Tensor, masks: Sequence[Any]) -> None:
+    """In place: x [B, V] gets -inf wherever row r's mask disallows the token (bool [V], or a
+    packed int32 bitmask; see TokenMaskProvider.allowed)."""
     batch, vocab = x.shape
     if len(masks) != batch:
         raise ValueError(f"{batch} rows of logits but {len(masks)} masks")
     for r, mask in enumerate(masks):
         if mask is None:
             continue
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+            mask = unpack_bitmask(mask, vocab)
         if mask.dtype != torch.bool or tuple(mask.shape) != (vocab,):
             raise ValueError(f"mask of row {r} must be bool [{vocab}], "
                              f"got {mask.dtype} {tuple(mask.shape)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal
@@ -24,6 +24,7 @@ from .errors import invalid
 from .routes_completions import (StreamOptions, closing, engine_errors, logit_bias_of,
                                  prepend, sse, stops_of)
 from .state import ServerState
+from .structured import FunctionSpec, chat_answer_format, compile_constraint, turn_spec
 
 router = APIRouter()
 
@@ -158,12 +159,15 @@ def _chat_params(body: ChatRequest, card_vocab: int) -> SamplingParams:
 
 
 async def run_chat(state: ServerState, prompt: list[int], params: SamplingParams,
-                   stops: list[str], usage: dict[str, int]
+                   stops: list[str], usage: dict[str, int],
+                   mask_provider: Callable[[], Any] | None = None,
                    ) -> AsyncIterator[tuple[ChoiceRun, list[Any]]]:
-    """Yields (choice, its new events) as tokens arrive; parsers see every token."""
+    """Yields (choice, its new events) as tokens arrive; parsers see every token.
+    `mask_provider` makes each sequence's token-mask provider (structured outputs)."""
     runs = {i: ChoiceRun(i, HarmonyStreamParser(), StopMatcher(stops)) for i in range(params.n)}
     usage["prompt_tokens"] = len(prompt)
-    stream = state.engine.generate(prompt, params, request_id=f"chat-{uuid.uuid4().hex}")
+    stream = state.engine.generate(prompt, params, request_id=f"chat-{uuid.uuid4().hex}",
+                                   mask_provider=mask_provider)
     try:
         async for out in stream:
             run = runs[out.index]
@@ -199,9 +203,7 @@ def _finish_of(parser: HarmonyStreamParser, engine_reason: str | None) -> str:
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     state: ServerState = request.app.state.ossrt
     card = state.model(body.model)
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise invalid("response_format json_schema / json_object is not supported yet",
-                      "response_format", code="unsupported_parameter")
+    answer = chat_answer_format(body.response_format)
     convo = to_conversation(body.messages)
     tools = [FunctionTool(t.function.name, t.function.description or "",
                           t.function.parameters) for t in body.tools or []]
@@ -217,16 +219,24 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         tools = []  # the model cannot call what it is not shown
     try:
         prompt = render_prompt(convo, reasoning_effort=body.reasoning_effort or "medium",
-                               tools=tools, current_date=date.today().isoformat())
+                               tools=tools, current_date=date.today().isoformat(),
+                               response_format=answer.prompt_section())
     except ValueError as exc:
         raise invalid(str(exc), "messages") from exc
     params = _chat_params(body, card.vocab_size)
+    functions = [FunctionSpec(t.function.name, t.function.parameters, bool(t.function.strict),
+                              f"tools[{i}].function.parameters")
+                 for i, t in enumerate(body.tools or [])]
+    forced = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else choice
+    spec = turn_spec(answer, functions, forced, params.max_tokens)
+    constraint = await compile_constraint(spec, answer, functions)
     stops = stops_of(body.stop)
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
              "reasoning_tokens": 0}
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
     base = {"id": cid, "created": created, "model": card.id, "system_fingerprint": "ossrt"}
-    gen = run_chat(state, prompt, params, stops, usage)
+    gen = run_chat(state, prompt, params, stops, usage,
+                   constraint.factory if constraint else None)
 
     def usage_obj() -> dict[str, Any]:
         return {"prompt_tokens": usage["prompt_tokens"],

@@ -30,6 +30,7 @@ from .routes_chat import _text_of, run_chat
 from .routes_completions import engine_errors, prepend
 from .state import ServerState
 from .store import ResponseStore
+from .structured import FunctionSpec, compile_constraint, responses_answer_format, turn_spec
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
@@ -186,8 +187,11 @@ def _tools_of(raw: list[Any] | None) -> tuple[list[dict[str, Any]], list[Functio
             raise invalid("a function tool needs a 'name' of letters, digits, '_' and '-'",
                           f"tools[{i}].name")
         params = t.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise invalid("'parameters' must be a JSON Schema object", f"tools[{i}].parameters")
+        strict = t.get("strict")
         echo.append({"type": "function", "name": name, "description": t.get("description"),
-                     "parameters": params, "strict": t.get("strict", True)})
+                     "parameters": params, "strict": True if strict is None else bool(strict)})
         tools.append(FunctionTool(name, t.get("description") or "", params))
     return echo, tools
 
@@ -305,10 +309,10 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     state: ServerState = request.app.state.ossrt
     card = state.model(body.model)
     store = _store(state)
+    if body.text is not None and not isinstance(body.text, dict):
+        raise invalid("text must be an object", "text")
     fmt = (body.text or {}).get("format") or {"type": "text"}
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        raise invalid("text.format json_schema / json_object is not supported yet",
-                      "text.format", code="unsupported_parameter")
+    answer = responses_answer_format(fmt)
     effort = (body.reasoning or {}).get("effort") or "medium"
     if effort == "minimal":
         effort = "low"
@@ -336,12 +340,18 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         prompt = render_prompt(convo, reasoning_effort=effort,
                                tools=[] if choice == "none" else tools,
                                instructions=body.instructions,
-                               current_date=date.today().isoformat())
+                               current_date=date.today().isoformat(),
+                               response_format=answer.prompt_section())
     except ValueError as exc:
         raise invalid(str(exc), "input") from exc
     params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p,
                             max_tokens=body.max_output_tokens, stop_token_ids=STOP_TOKEN_IDS)
+    functions = [FunctionSpec(t["name"], t["parameters"], bool(t["strict"]),
+                              f"tools[{i}].parameters") for i, t in enumerate(tools_echo)]
+    forced = choice.get("name") if isinstance(choice, dict) else choice
+    constraint = await compile_constraint(
+        turn_spec(answer, functions, forced, params.max_tokens), answer, functions)
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
              "reasoning_tokens": 0}
     rid, created = _new_id("resp"), int(time.time())
@@ -354,11 +364,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         "previous_response_id": body.previous_response_id,
         "reasoning": {"effort": effort, "summary": None}, "store": body.store,
         "temperature": 1.0 if body.temperature is None else body.temperature,
-        "text": {"format": {"type": "text"}}, "tool_choice": choice or "auto",
+        "text": {"format": fmt}, "tool_choice": choice or "auto",
         "tools": tools_echo, "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled", "usage": None, "user": body.user,
         "metadata": body.metadata or {}}
-    gen = run_chat(state, prompt, params, [], usage)
+    gen = run_chat(state, prompt, params, [], usage, constraint.factory if constraint else None)
     try:
         first = await anext(gen)
     except StopAsyncIteration:
