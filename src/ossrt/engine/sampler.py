@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .sequence import SampledToken, SamplingParams
@@ -193,18 +194,15 @@ def _check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
         raise ValueError(f"{what} holds a token id outside the vocabulary [0, {vocab})")
 
 
-_BITS = torch.arange(8, dtype=torch.uint8)  # [8]
-
-
 def unpack_bitmask(words: Any, vocab: int) -> torch.Tensor:
     """A packed bitmask (ceil(V/32) int32 words, numpy or torch; bit i % 32 of word i // 32 is
     token i) -> bool [vocab]. Little-endian word layout, as llguidance and xgrammar write it."""
-    packed = torch.as_tensor(words)
-    if packed.dtype != torch.int32 or packed.dim() != 1 or packed.numel() * 32 < vocab:
+    packed = words.cpu().numpy() if isinstance(words, torch.Tensor) else np.asarray(words)
+    if packed.dtype != np.int32 or packed.ndim != 1 or packed.size * 32 < vocab:
         raise ValueError(f"a packed mask must be int32 [{(vocab + 31) // 32}], "
                          f"got {packed.dtype} {tuple(packed.shape)}")
-    u8 = packed.contiguous().view(torch.uint8)  # [4W], little-endian bytes
-    return ((u8[:, None] >> _BITS) & 1).flatten()[:vocab].bool()  # [V]
+    u8 = np.ascontiguousarray(packed).view(np.uint8)  # [4W], little-endian bytes
+    return torch.from_numpy(np.unpackbits(u8, bitorder="little")[:vocab].view(np.bool_))
 
 
 def _apply_masks(x: torch.Tensor, masks: Sequence[Any]) -> None:
