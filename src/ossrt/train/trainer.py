@@ -231,7 +231,7 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
             for batch in micro:
                 loss = _loss_sum(model, adapter, batch, cfg, training=True) / max(1, n_trained)
                 loss.backward()
-                loss_total += float(loss)
+                loss_total += float(loss.detach())
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
             opt.step()
