@@ -213,3 +213,19 @@ def test_unsafe_mode_runs_with_rlimits_and_says_so():
     assert not out.ok and "cpu time limit" in out.text
     out = run("x = bytearray(1 << 30)", cfg)
     assert "MemoryError" in out.text
+
+
+def test_cli_python():
+    import subprocess
+    import sys
+    ossrt = Path(sys.executable).parent / "ossrt"
+    if not ossrt.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    if not _AVAILABLE:
+        pytest.skip(f"bubblewrap sandbox unavailable: {_REASON}")
+    out = subprocess.run([str(ossrt), "tool", "python", "--code", "print(6*7)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "42\n", out.stderr
+    out = subprocess.run([str(ossrt), "tool", "python", "--code", "open('/etc/shadow')"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "FileNotFoundError" in out.stdout

@@ -11,9 +11,20 @@ Public API (see docs/tools.md):
 from __future__ import annotations
 
 from .base import Citation, Tool, ToolInvocation, ToolOutput, get, register, registered
+from .browser import (BrowserConfig, BrowserTool, LocalCorpus, SearxngBackend, UrlCitation,
+                      annotate_citations)
 from .python_sandbox import PythonSandboxConfig, PythonTool, sandbox_available
 
 __all__ = [
-    "Citation", "PythonSandboxConfig", "PythonTool", "Tool", "ToolInvocation", "ToolOutput",
-    "get", "register", "registered", "sandbox_available",
+    "BrowserConfig", "BrowserTool", "Citation", "LocalCorpus", "PythonSandboxConfig",
+    "PythonTool", "SearxngBackend", "Tool", "ToolInvocation", "ToolOutput", "UrlCitation",
+    "annotate_citations", "get", "register", "registered", "sandbox_available",
 ]
+
+
+def _default_registry() -> None:
+    register("python", PythonTool)
+    register("browser", BrowserTool)
+
+
+_default_registry()
