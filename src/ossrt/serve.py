@@ -31,6 +31,7 @@ class ServeOptions:
     metrics_public: bool = False  # GET /metrics without a key
     max_body_bytes: int = 8 << 20  # larger request bodies get a 413 before parsing
     shutdown_timeout: float = 30.0  # on SIGTERM: s to let open streams finish, then cut them
+    request_timeout: float = 600.0  # s one generation may take, queueing included (0: none)
 
 
 def find_default_model() -> tuple[str, bool]:
@@ -83,7 +84,8 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     data_dir = Path(opts.data_dir) if opts.data_dir else cache_root() / "data"
     state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards,
                         store=ResponseStore(data_dir), auth=auth, rate_limits=limiter,
-                        metrics_public=opts.metrics_public, engine_stats=engine_stats(engine))
+                        metrics_public=opts.metrics_public, engine_stats=engine_stats(engine),
+                        request_timeout=opts.request_timeout or None)
     print(f"ossrt: {auth_banner}", file=sys.stderr)
     return create_app(state, max_body_bytes=opts.max_body_bytes)
 

@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 
 from . import auth as gateway
 from . import errors
+from .deadline import TimedEngine
 from .errors import not_found
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, lifespan_for
 from .routes_chat import router as chat_router
@@ -33,6 +34,8 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     `close`). Request bodies over `max_body_bytes` get a 413 before they are parsed."""
     app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss",
                   lifespan=lifespan_for(state))
+    if state.request_timeout:  # every route's generations get the deadline
+        state.engine = TimedEngine(state.engine, state.request_timeout)
     app.state.ossrt = state
     errors.install(app)
     gateway.install(app, state)  # API keys, rate limits, /metrics, access log, x-request-id

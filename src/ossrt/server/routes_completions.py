@@ -181,10 +181,14 @@ def engine_errors(exc: Exception) -> APIError:
 
 async def closing(events: AsyncIterator[str], *below: Any) -> AsyncIterator[str]:
     """Streams `events`; when it ends or the client goes away, closes the generators below at
-    once, which aborts their engine requests and frees their KV blocks."""
+    once, which aborts their engine requests and frees their KV blocks. An `APIError` raised
+    once the stream has begun (a request timeout) ends it with an in-band `{"error": ...}`
+    event, which the openai client raises as an APIError."""
     try:
         async for event in events:
             yield event
+    except APIError as exc:
+        yield sse(exc.body())
     finally:
         for gen in below:
             await gen.aclose()

@@ -430,10 +430,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
             async for ev in produce():
                 yield emit(ev)
         except Exception as exc:  # noqa: BLE001 - the stream has begun: report it in-band
-            logger.exception("response %s failed", rid)
+            if isinstance(exc, APIError):  # e.g. the request timeout: expected, no traceback
+                logger.warning("response %s failed: %s", rid, exc.message)
+            else:
+                logger.exception("response %s failed", rid)
             msg = exc.message if isinstance(exc, APIError) else str(exc) or type(exc).__name__
+            code = (exc.code or exc.type) if isinstance(exc, APIError) else "server_error"
             response.update(status="failed", output=builder.output,
-                            error={"code": "server_error", "message": msg})
+                            error={"code": code, "message": msg})
             yield emit({"type": "response.failed", "response": response})
             return
         final = "response.completed" if response["status"] == "completed" else (

@@ -57,6 +57,7 @@ class ServerState:
     rate_limits: RateLimiter | None = None  # per-key tiers (None: unlimited)
     metrics_public: bool = False  # GET /metrics without a key even when auth is on
     engine_stats: Callable[[], dict[str, float]] | None = None  # engine gauges for /metrics
+    request_timeout: float | None = None  # s a generation may take (None: no limit)
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:
