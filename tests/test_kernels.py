@@ -67,3 +67,20 @@ def test_model_linear_routes_single_rows_to_the_kernel_with_same_result() -> Non
     batched = linear(x, w)  # torch path (3 rows)
     rows = torch.cat([linear(x[i:i + 1], w) for i in range(3)])  # kernel path
     assert (batched.float() - rows.float()).abs().max() <= 0.02 * batched.float().abs().max()
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next(tmp_path) -> None:
+    """torch's cpp_extension lock is a plain file that outlives a killed builder; loading must
+    not wait on it forever (it used to: every later process hung at the first forward)."""
+    import shutil
+
+    from ossrt.harmony.tokenizer import cache_root
+
+    built = cache_root() / "kernels" / torch.__version__
+    shutil.copytree(built, tmp_path / "kernels" / torch.__version__)
+    (tmp_path / "kernels" / torch.__version__ / "lock").touch()  # the stale lock
+    code = "from ossrt.model import kernels; print(kernels.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ,
+                                           "OSSRT_CACHE": str(tmp_path)})
+    assert out.stdout.strip() == "True", out.stderr

@@ -7,6 +7,7 @@ ninja) or `OSSRT_NO_KERNELS=1`, `available()` is False and callers use the pure-
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -33,10 +34,16 @@ def _load() -> Any:
 
         build = cache_root() / "kernels" / torch.__version__
         build.mkdir(parents=True, exist_ok=True)
-        _MODULE = load(name="ossrt_mxfp4_cpu",
-                       sources=[str(Path(__file__).with_name("mxfp4_cpu.cpp"))],
-                       extra_cflags=["-O3", "-march=native"], build_directory=str(build),
-                       verbose=False)
+        # torch's build lock is a plain file: a process killed mid-build leaves it behind and
+        # every later process waits on it forever. An flock dies with its holder, so under
+        # ours any torch lock left in the folder is stale and is removed.
+        with open(build / "ossrt.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            _MODULE = load(name="ossrt_mxfp4_cpu",
+                           sources=[str(Path(__file__).with_name("mxfp4_cpu.cpp"))],
+                           extra_cflags=["-O3", "-march=native"], build_directory=str(build),
+                           verbose=False)
     except Exception as exc:  # no compiler / ninja: the torch path still works
         log.warning("ossrt: native MXFP4 kernel unavailable (%s); using the torch path", exc)
         _MODULE = None
