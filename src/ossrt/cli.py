@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .tools.cli import register_cli as _register_tool_cli
+from .train.cli import register_cli as _register_train_cli
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -111,7 +112,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        allow_unauthenticated=args.allow_unauthenticated,
                        metrics_public=args.metrics_public,
                        max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                       shutdown_timeout=args.shutdown_timeout))
+                       shutdown_timeout=args.shutdown_timeout,
+                       request_timeout=args.request_timeout))
     return 0
 
 
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse request bodies larger than this (413)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds to let open requests finish before cutting them")
+    srv.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds one generation may take, queueing included (504 / in-band "
+                     "error after that; 0 = no limit)")
     srv.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed in DATA_DIR/keys.sqlite3)")
@@ -213,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True)
     info.add_argument("--layout", choices=["hf", "original"], default=None)
     info.set_defaults(func=_cmd_info)
+    _register_train_cli(sub)
     _register_tool_cli(sub)
     return p
 
