@@ -246,7 +246,10 @@ class PythonTool(Tool):
         lock = (self._locks.setdefault(call.conversation_id, asyncio.Lock())
                 if stateful and call.conversation_id is not None else contextlib.nullcontext())
         async with lock:
-            res = await self._execute(call, sandboxed, stateful)
+            try:
+                res = await self._execute(call, sandboxed, stateful)
+            except OSError as exc:  # could not create folders or start the process
+                return ToolOutput.failure(f"python tool could not start: {exc}")
         if sandboxed and res.returncode == 1 and res.stderr.startswith(b"bwrap: "):
             reason = res.stderr.decode("utf-8", "replace").strip()
             return ToolOutput.failure(f"sandbox setup failed: {reason}",

@@ -58,7 +58,10 @@ class FetchResponse:
     encoding: str | None = None
 
     def text(self) -> str:
-        return self.body.decode(self.encoding or "utf-8", "replace")
+        try:
+            return self.body.decode(self.encoding or "utf-8", "replace")
+        except LookupError:  # an unknown charset name
+            return self.body.decode("utf-8", "replace")
 
 
 def address_allowed(ip: IPAddress) -> bool:

@@ -147,6 +147,8 @@ class BrowserTool(Tool):
             return ToolOutput.failure(f"invalid arguments for browser.{fn}: {exc}")
         except BackendError as exc:
             return ToolOutput.failure(str(exc))
+        except Exception as exc:  # noqa: BLE001 - contract: run never raises
+            return ToolOutput.failure(f"browser.{fn} failed: {type(exc).__name__}: {exc}")
 
     # -- functions ------------------------------------------------------------------------
     async def _search(self, st: BrowserState, args: dict[str, Any]) -> ToolOutput:
