@@ -14,7 +14,7 @@ from ossrt.cli import main
 from ossrt.model import load_model, preset, write_checkpoint
 from ossrt.model.loader import read_checkpoint
 from ossrt.model.mxfp4 import dequantize
-from ossrt.train.lora import LoraAdapter, LoraSpec, train_forward
+from ossrt.train.lora import ATTN_MODULES, LoraAdapter, LoraSpec, train_forward
 from ossrt.train.merge import merge_adapter
 from ossrt.train.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 
@@ -57,6 +57,16 @@ def test_peft_loads_our_adapter_with_the_same_logits(ckpt: Path, tmp_path: Path)
         base = ours.logits(ours(IDS))
     assert (mine - base).abs().max() > 0.1  # the adapter matters ...
     assert (theirs - mine).abs().max() < 1e-4  # ... and both runtimes apply it the same way
+    # an adapter that also tunes router and experts: PEFT loads its attention part only
+    full = _adapter(("attn", "router", "experts"), seed=1)
+    save_adapter(full, tmp_path / "full")
+    tuned.load_adapter(tmp_path / "full", adapter_name="full")
+    tuned.set_adapter("full")
+    attn_part = LoraAdapter(LoraSpec(rank=4, alpha=8), 4, {
+        k: v for k, v in full.tensors.items() if k.split(".")[2] in ATTN_MODULES})
+    with torch.no_grad():
+        assert (tuned(IDS).logits.float() - train_forward(ours, attn_part, IDS)).abs().max() < 1e-4
+    tuned.set_adapter("default")
     # PEFT's own save of what it loaded is our file, key for key
     tuned.save_pretrained(tmp_path / "resaved")
     again = load_adapter(tmp_path / "resaved")

@@ -149,3 +149,6 @@ def test_adapter_survives_a_round_trip(model: GptOss, tmp_path: Path) -> None:
                                             "gate_up_proj", "down_proj") for ab in "AB"}
     assert again.tensors["layers.0.gate_up_proj.lora_A"].shape == (8, 4, 64)
     assert all(t.dtype == torch.float32 for t in again.tensors.values())
+    load_adapter(result.adapter_dir, model=model.cfg)  # fits
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter(result.adapter_dir, model=model.cfg.replace(hidden_size=96))

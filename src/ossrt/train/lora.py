@@ -130,6 +130,25 @@ class LoraAdapter:
         return self.spec.scale * (b.detach().float() @ a.detach().float())
 
 
+def check_adapter(cfg: GptOssConfig, adapter: LoraAdapter) -> None:
+    """Raises ValueError unless every adapter tensor fits this model's shapes."""
+    problems = []
+    for name, t in adapter.named():
+        _, layer, module, ab = name.split(".")
+        if int(layer) >= cfg.num_hidden_layers:
+            problems.append(f"{name}: the model has {cfg.num_hidden_layers} layers")
+            continue
+        out, inp, e = module_shapes(cfg, module)
+        r = adapter.spec.rank
+        want = (r, inp) if ab == "lora_A" else (out, r)
+        if e is not None:
+            want = (e, *want)
+        if tuple(t.shape) != want:
+            problems.append(f"{name}: shape {tuple(t.shape)}, expected {want}")
+    if problems:
+        raise ValueError("adapter does not fit the model:\n  " + "\n  ".join(problems))
+
+
 class _MXFP4Linear(torch.autograd.Function):
     """x [n, in] @ dequantize(blocks, scales)^T -> [n, out]; the weight is frozen and
     re-dequantized in backward (only the packed bytes are kept)."""

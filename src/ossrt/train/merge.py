@@ -22,7 +22,7 @@ from ..model.config import GptOssConfig
 from ..model.layout import to_checkpoint
 from ..model.loader import read_checkpoint
 from ..model.mxfp4 import dequantize, quantize
-from .lora import ATTN_MODULES, LoraAdapter, module_shapes
+from .lora import ATTN_MODULES, LoraAdapter, check_adapter
 from .peft_io import load_adapter
 
 MERGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -39,25 +39,6 @@ class MergeReport:
     experts_requantized: int  # expert weight matrices (per expert) re-quantized
     requant_max_abs_err: float | None  # over re-quantized expert weights; None if none
     requant_mean_abs_err: float | None
-
-
-def check_adapter(cfg: GptOssConfig, adapter: LoraAdapter) -> None:
-    """Raises ValueError unless every adapter tensor fits this model's shapes."""
-    problems = []
-    for name, t in adapter.named():
-        _, layer, module, ab = name.split(".")
-        if int(layer) >= cfg.num_hidden_layers:
-            problems.append(f"{name}: the model has {cfg.num_hidden_layers} layers")
-            continue
-        out, inp, e = module_shapes(cfg, module)
-        r = adapter.spec.rank
-        want = (r, inp) if ab == "lora_A" else (out, r)
-        if e is not None:
-            want = (e, *want)
-        if tuple(t.shape) != want:
-            problems.append(f"{name}: shape {tuple(t.shape)}, expected {want}")
-    if problems:
-        raise ValueError("adapter does not fit the model:\n  " + "\n  ".join(problems))
 
 
 def merge_weights(cfg: GptOssConfig, weights: dict[str, torch.Tensor], adapter: LoraAdapter,

@@ -11,7 +11,8 @@
   `base_model.model.model.layers.{i}.mlp.experts.{gate_up_proj,down_proj}.ossrt_lora_A`
   [E, r, in] / `ossrt_lora_B` [E, out, r] (gate_up rows interleaved gate/linear, as ossrt and
   the MXFP4 checkpoint store them). They are listed in adapter_config.json under
-  `ossrt_targets`, not in `target_modules`, so PEFT loads the attention part and ignores them.
+  `ossrt_targets` (written only when they are present; PEFT warns that it ignores that key),
+  not in `target_modules`: PEFT loads the attention part and leaves them out.
 Same adapter -> same bytes (sorted keys, fixed metadata).
 """
 
@@ -24,7 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lora import ATTN_MODULES, LoraAdapter, LoraSpec
+from ..model.config import GptOssConfig
+from .lora import ATTN_MODULES, LoraAdapter, LoraSpec, check_adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -56,8 +58,7 @@ def adapter_config(spec: LoraSpec, base_model: str = "") -> dict[str, object]:
         "target_modules": [m for m in ATTN_MODULES if "attn" in spec.targets],
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "ossrt_targets": list(spec.targets),
-    }
+    } | ({} if spec.targets == ("attn",) else {"ossrt_targets": list(spec.targets)})
 
 
 def save_adapter(adapter: LoraAdapter, out: str | Path, base_model: str = "") -> Path:
@@ -75,8 +76,10 @@ def save_adapter(adapter: LoraAdapter, out: str | Path, base_model: str = "") ->
 
 
 def load_adapter(path: str | Path, device: torch.device | str = "cpu",
-                 trainable: bool = False) -> LoraAdapter:
-    """Reads an adapter folder written by `save_adapter` (or PEFT, attention targets)."""
+                 trainable: bool = False, model: GptOssConfig | None = None) -> LoraAdapter:
+    """Reads an adapter folder written by `save_adapter` (or PEFT, attention targets).
+
+    With `model` (a config), also checks that every tensor fits that model (ValueError otherwise)."""
     root = Path(path)
     try:
         cfg = json.loads((root / CONFIG_FILE).read_text())
@@ -99,4 +102,7 @@ def load_adapter(path: str | Path, device: torch.device | str = "cpu",
                 raise ValueError(f"{root}: unexpected tensor {key!r}")
             tensors[_internal_key(key)] = f.get_tensor(key).to(device).requires_grad_(trainable)
     layers = 1 + max(int(k.split(".")[1]) for k in tensors) if tensors else 0
-    return LoraAdapter(spec, layers, tensors)
+    adapter = LoraAdapter(spec, layers, tensors)
+    if model is not None:
+        check_adapter(model, adapter)
+    return adapter
