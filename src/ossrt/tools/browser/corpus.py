@@ -169,7 +169,13 @@ class LocalCorpus:
                 "SELECT path, title, snippet(docs, 2, '', '', '…', 24) FROM docs "
                 "WHERE docs MATCH ? ORDER BY bm25(docs, 0.0, 4.0, 1.0) LIMIT ?",
                 (match, max(1, topn))).fetchall()
-        return [Result(url=self.url_for(p), title=t, snippet=_plain(s)) for p, t, s in rows]
+        results = []
+        for path, title, snip in rows:
+            snip = _plain(snip)
+            if snip.startswith(title):  # the document's own heading opens most snippets
+                snip = snip[len(title):].lstrip()
+            results.append(Result(url=self.url_for(path), title=title, snippet=snip))
+        return results
 
     def _fetch(self, url: str) -> Page:
         path = self.path_for(url)
