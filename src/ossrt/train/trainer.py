@@ -155,6 +155,7 @@ def _save_checkpoint(out: Path, step: int, adapter: LoraAdapter, opt: torch.opti
     tmp = final.with_name(final.name + ".partial")
     save_adapter(adapter, tmp, base_model)
     torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "config": cfg.to_dict()}, tmp / "state.pt")
     if final.exists():
         import shutil
@@ -176,6 +177,8 @@ def _restore(ckpt: Path, adapter: LoraAdapter, opt: torch.optim.Optimizer,
             t.copy_(saved.tensors[name])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"])
 
 
