@@ -268,8 +268,9 @@ def render_example(convo: Conversation, cfg: DataConfig = DataConfig()
                    ) -> tuple[list[int], list[int]]:
     """Harmony token ids of the whole conversation and its loss mask (see module docstring)."""
     enc = get_tokenizer().encoding
-    harmony = build_conversation(convo.messages, reasoning_effort=cfg.reasoning_effort,  # type: ignore[arg-type]
-                                 tools=convo.tools, current_date=cfg.current_date)
+    effort: Any = cfg.reasoning_effort  # validated in DataConfig
+    harmony = build_conversation(convo.messages, reasoning_effort=effort, tools=convo.tools,
+                                 current_date=cfg.current_date)
     ids: list[int] = enc.render_conversation_for_training(
         harmony, RenderConversationConfig(auto_drop_analysis=False))
     starts = [i for i, t in enumerate(ids) if t == START]

@@ -181,10 +181,8 @@ def _lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
 def _adapted(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, adapter: LoraAdapter | None,
              layer: int, module: str, training: bool) -> torch.Tensor:
     y = F.linear(x, w, bias)
-    p = adapter.pair(layer, module) if adapter is not None else None
-    if p is not None:
-        y = y + _lora(x, p[0], p[1], adapter.spec.scale, adapter.spec.dropout,  # type: ignore[union-attr]
-                      training)
+    if adapter is not None and (p := adapter.pair(layer, module)) is not None:
+        y = y + _lora(x, p[0], p[1], adapter.spec.scale, adapter.spec.dropout, training)
     return y
 
 

@@ -79,7 +79,7 @@ def load_adapter(path: str | Path, device: torch.device | str = "cpu",
                  trainable: bool = False, model: GptOssConfig | None = None) -> LoraAdapter:
     """Reads an adapter folder written by `save_adapter` (or PEFT, attention targets).
 
-    With `model` (a config), also checks that every tensor fits that model (ValueError otherwise)."""
+    With `model` (a config), also checks that every tensor fits it (ValueError otherwise)."""
     root = Path(path)
     try:
         cfg = json.loads((root / CONFIG_FILE).read_text())
