@@ -149,6 +149,9 @@ def test_citations_map_to_urls(corpus: Path):
     assert text[first.start_index:first.end_index] == "【1†L42-L43】"
     assert second.url == "corpus://gardening.md"  # the search result whose lines L0 cites
     assert text[second.start_index:second.end_index] == "【0†L0】"
+    assert tool.annotator("c1")(text)[0] == {
+        "type": "url_citation", "start_index": first.start_index, "end_index": first.end_index,
+        "url": "corpus://zeppelin.md", "title": "The Hindenburg airship"}
     new, cites = tool.annotate(text, "c1", style="domain")
     assert new == "It burned in 1937 (corpus) and tomatoes (corpus); bogus 【9†L1】."
     assert [new[c.start_index:c.end_index] for c in cites] == ["(corpus)", "(corpus)"]
@@ -179,6 +182,10 @@ def test_corpus_path_traversal_refused(corpus: Path, tmp_path: Path):
     out = call(tool, "search", {"query": "TOPSECRET"})
     assert out.citations == [] and "No results for `TOPSECRET`" in out.text
     assert "only has the local corpus" in call(tool, "open", {"id": "https://example.com"}).text
+    bare = call(tool, "open", {"id": "cooking/pasta.md"})
+    assert bare.ok and bare.text.startswith("[") and "(corpus://cooking/pasta.md)" in bare.text
+    assert "path outside the corpus" in call(tool, "open", {"id": "../secret.txt"}).text
+    assert not call(tool, "open", {"id": "/etc/passwd"}).ok
 
 
 def test_bad_arguments_are_reported_not_raised(corpus: Path):

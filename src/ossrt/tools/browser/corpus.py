@@ -91,7 +91,10 @@ class LocalCorpus:
         return SCHEME + quote(relpath)
 
     def path_for(self, url: str) -> Path:
-        """The file behind a corpus URL; BackendError for anything outside the folder."""
+        """The file behind a corpus URL (or a bare relative path); BackendError for anything
+        outside the folder."""
+        if "://" not in url and not url.startswith(("/", "file:", "data:")):
+            url = SCHEME + url
         if not url.startswith(SCHEME):
             raise BackendError(f"refused {url!r}: this browser only has the local corpus "
                                f"(URLs look like {SCHEME}path/to/doc.md)")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class BrowserConfig:
     max_topn: cap on search `topn`.
     max_conversations: conversation states kept (least recently used dropped first).
     max_pages: page views kept per conversation (older cursors then become invalid).
+    max_cached_pages: fetched documents cached per conversation (oldest dropped first).
     """
 
     view_lines: int = 60
@@ -32,6 +34,7 @@ class BrowserConfig:
     max_topn: int = 20
     max_conversations: int = 512
     max_pages: int = 200
+    max_cached_pages: int = 32
 
 
 @dataclass(slots=True)
@@ -125,6 +128,12 @@ class BrowserTool(Tool):
         st = self._states.get(conversation_id) if conversation_id else None
         return annotate_citations(text, st or BrowserState(), style=style)
 
+    def annotator(self, conversation_id: str | None) -> Callable[[str], list[dict[str, Any]]]:
+        """text -> `url_citation` dicts for this conversation (markers kept in the text)."""
+        def annotate(text: str) -> list[dict[str, Any]]:
+            return [c.to_dict() for c in self.annotate(text, conversation_id)[1]]
+        return annotate
+
     async def aclose(self) -> None:
         await self.backend.aclose()
 
@@ -187,6 +196,8 @@ class BrowserTool(Tool):
             st.cache[url] = page
             if page.url != url:
                 st.cache[page.url] = page
+            while len(st.cache) > self.config.max_cached_pages:
+                st.cache.pop(next(iter(st.cache)))
         return page_view(page.url, page.title, page.text, self.config.width)
 
     async def _open(self, st: BrowserState, args: dict[str, Any]) -> ToolOutput:
@@ -271,6 +282,11 @@ class UrlCitation:
     title: str
     start_index: int
     end_index: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Responses API `url_citation` annotation object."""
+        return {"type": "url_citation", "start_index": self.start_index,
+                "end_index": self.end_index, "url": self.url, "title": self.title}
 
 
 def annotate_citations(text: str, state: BrowserState,
