@@ -99,8 +99,11 @@ def h_asst(text: str, channel: str) -> Message:
 
 
 def h_call(name: str, args: str, channel: str = "commentary") -> Message:
+    """A function call carries `<|constrain|>json`; a built-in tool call (browser, python) the
+    `code` content type, as gpt-oss itself writes them (`to=browser.search code`)."""
+    kind = "<|constrain|>json" if name.startswith("functions.") else "code"
     return (Message.from_role_and_content(Role.ASSISTANT, args).with_channel(channel)
-            .with_recipient(name).with_content_type("<|constrain|>json"))
+            .with_recipient(name).with_content_type(kind))
 
 
 def h_result(name: str, output: str, channel: str = "commentary") -> Message:

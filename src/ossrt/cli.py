@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .chat_cli import register_cli as _register_chat_cli
 from .tools.cli import register_cli as _register_tool_cli
 from .train.cli import register_cli as _register_train_cli
 
@@ -113,7 +114,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        metrics_public=args.metrics_public,
                        max_body_bytes=int(args.max_body_mb * (1 << 20)),
                        shutdown_timeout=args.shutdown_timeout,
-                       request_timeout=args.request_timeout))
+                       request_timeout=args.request_timeout,
+                       browser=not args.no_browser, browser_corpus=args.browser_corpus,
+                       searxng=args.searxng, python_tool=not args.no_python,
+                       unsafe_python=args.unsafe_python, max_tool_calls=args.max_tool_calls))
     return 0
 
 
@@ -192,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds one generation may take, queueing included (504 / in-band "
                      "error after that; 0 = no limit)")
+    tools = srv.add_argument_group("built-in tools (Responses API: web_search_preview, "
+                                   "code_interpreter)")
+    tools.add_argument("--browser-corpus", default=None, metavar="DIR",
+                       help="folder of .txt/.md/.html files the browser searches "
+                       "(default: DATA_DIR/corpus)")
+    tools.add_argument("--searxng", default=None, metavar="URL",
+                       help="search the web through this SearXNG instance instead")
+    tools.add_argument("--no-browser", action="store_true", help="switch the browser off")
+    tools.add_argument("--no-python", action="store_true", help="switch the python tool off")
+    tools.add_argument("--unsafe-python", action="store_true",
+                       help="where bubblewrap cannot run, run python WITHOUT a sandbox")
+    tools.add_argument("--max-tool-calls", type=int, default=8,
+                       help="built-in tool calls per response")
     srv.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed in DATA_DIR/keys.sqlite3)")
@@ -220,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _register_train_cli(sub)
     _register_tool_cli(sub)
+    _register_chat_cli(sub)
     return p
 
 

@@ -32,6 +32,12 @@ class ServeOptions:
     max_body_bytes: int = 8 << 20  # larger request bodies get a 413 before parsing
     shutdown_timeout: float = 30.0  # on SIGTERM: s to let open streams finish, then cut them
     request_timeout: float = 600.0  # s one generation may take, queueing included (0: none)
+    browser: bool = True  # the built-in browser (Responses API web_search_preview)
+    browser_corpus: str | None = None  # its local corpus folder (default DATA_DIR/corpus)
+    searxng: str | None = None  # search the web through this SearXNG instance instead
+    python_tool: bool = True  # the built-in python tool (code_interpreter), sandboxed
+    unsafe_python: bool = False  # run python without a sandbox where bubblewrap cannot run
+    max_tool_calls: int = 8  # built-in tool calls per response
 
 
 def find_default_model() -> tuple[str, bool]:
@@ -54,6 +60,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     from .engine.llm_engine import EngineConfig, LLMEngine
     from .harmony.tokenizer import get_tokenizer
     from .model import load_model
+    from .server.agent import configure_builtins
     from .server.app import create_app
     from .server.auth import configure as configure_auth
     from .server.state import ModelCard, ServerState
@@ -82,10 +89,15 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
           f"{str(model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f} s; "
           f"serving {', '.join(names)} on http://{opts.host}:{opts.port}", file=sys.stderr)
     data_dir = Path(opts.data_dir) if opts.data_dir else cache_root() / "data"
+    builtins, tools_banner = configure_builtins(
+        data_dir, browser=opts.browser, corpus=opts.browser_corpus, searxng=opts.searxng,
+        python=opts.python_tool, unsafe_python=opts.unsafe_python,
+        max_calls=opts.max_tool_calls)
+    print(f"ossrt: {tools_banner}", file=sys.stderr)
     state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards,
                         store=ResponseStore(data_dir), auth=auth, rate_limits=limiter,
                         metrics_public=opts.metrics_public, engine_stats=engine_stats(engine),
-                        request_timeout=opts.request_timeout or None)
+                        request_timeout=opts.request_timeout or None, builtin_tools=builtins)
     print(f"ossrt: {auth_banner}", file=sys.stderr)
     return create_app(state, max_body_bytes=opts.max_body_bytes)
 

@@ -35,6 +35,7 @@ from .render import (
     build_developer,
     build_system,
     render_prompt,
+    render_tool_result,
     response_format_section,
 )
 from .tokenizer import HarmonyTokenizer, VocabError, get_tokenizer, vocab_dir
@@ -46,6 +47,7 @@ __all__ = [
     "ReasoningDelta", "ReasoningEffortName", "Recovery", "ResponseFormat", "STOP_TOKEN_IDS",
     "TextDelta", "ToolCall", "ToolCallArgsDelta", "ToolCallEnd", "ToolCallStart", "ToolResult",
     "UserMessage", "VocabError", "build_conversation", "build_developer", "build_system",
-    "get_tokenizer", "parse_completion", "render_prompt", "response_format_section",
+    "get_tokenizer", "parse_completion", "render_prompt", "render_tool_result",
+    "response_format_section",
     "split_recipient", "vocab_dir",
 ]

@@ -120,7 +120,8 @@ def _assistant_messages(msg: AssistantMessage, keep_reasoning: bool) -> list[Mes
                        .with_channel("commentary"))
         out += [Message.from_role_and_content(Role.ASSISTANT, call.arguments)
                 .with_channel(call.channel).with_recipient(call.recipient)
-                .with_content_type(TOOL_CALL_CONTENT_TYPE) for call in msg.tool_calls]
+                .with_content_type(TOOL_CALL_CONTENT_TYPE if call.namespace == "functions"
+                                   else "code") for call in msg.tool_calls]
     elif msg.text is not None or not msg.reasoning:
         out.append(Message.from_role_and_content(Role.ASSISTANT, msg.text or "")
                    .with_channel("final"))
@@ -182,3 +183,15 @@ def render_prompt(messages: Sequence[ChatMessage], *,
         current_date=current_date, builtin_tools=builtin_tools, response_format=response_format)
     return get_tokenizer().encoding.render_conversation_for_completion(
         conversation, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False))
+
+
+def render_tool_result(recipient: str, channel: str, output: str) -> list[int]:
+    """Tokens that continue a turn after the model's `<|call|>` to a built-in tool: the tool's
+    message (`<|start|>{recipient} to=assistant<|channel|>{channel}<|message|>...<|end|>`), then
+    `<|start|>assistant` for the model to go on. Appending these to the prompt and the tokens
+    the model generated gives exactly the prompt a re-render would, without re-rendering."""
+    message = (Message.from_author_and_content(Author.new(Role.TOOL, recipient), output)
+               .with_recipient("assistant").with_channel(channel))
+    tok = get_tokenizer()
+    return list(tok.encoding.render(message)) + tok.encode("<|start|>assistant",
+                                                           allow_special=True)

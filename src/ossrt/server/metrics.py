@@ -46,6 +46,7 @@ class RequestRecord:
     first_chunk: float | None = None
     last_chunk: float | None = None
     usage: Usage | None = None
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (tool, ok | failed)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,6 +60,13 @@ def record_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int = 0,
     rec = current_request.get()
     if rec is not None:
         rec.usage = Usage(prompt_tokens, output_tokens, cached_tokens, reasoning_tokens)
+
+
+def record_tool_call(tool: str, ok: bool) -> None:
+    """Hook for the built-in tool loop: one call of `tool` ("browser", "python") ran."""
+    rec = current_request.get()
+    if rec is not None:
+        rec.tool_calls.append((tool, "ok" if ok else "failed"))
 
 
 def usage_from_api(obj: Any) -> Usage | None:
@@ -125,12 +133,16 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("ossrt_time_per_output_token_seconds", "time per output token",
                               ["endpoint"], buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.tool_calls = Counter("ossrt_tool_calls", "built-in tool calls by tool and outcome",
+                                  ["tool", "outcome"], registry=r)
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats))
 
     def observe(self, rec: RequestRecord, endpoint: str, end: float) -> None:
         self.requests.labels(endpoint, str(rec.status), rec.tier).inc()
         self.duration.labels(endpoint).observe(end - rec.start)
+        for tool, outcome in rec.tool_calls:
+            self.tool_calls.labels(tool, outcome).inc()
         if rec.streamed and rec.first_chunk is not None and rec.status == 200:
             self.ttft.labels(endpoint).observe(rec.first_chunk - rec.start)
         u = rec.usage

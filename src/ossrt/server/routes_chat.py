@@ -142,6 +142,7 @@ class ChoiceRun:
     reasoning: str = ""
     reasoning_tokens: int = 0
     logprobs: list[SampledToken] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated ids, the stop token included
     stopped: bool = False
     finish: str | None = None
 
@@ -180,7 +181,9 @@ async def run_chat(state: ServerState, prompt: list[int], params: SamplingParams
                     usage["reasoning_tokens"] += 1
                 events += run.parser.feed(tok)
             run.logprobs += out.logprobs
+            run.tokens += out.token_ids
             if out.stop_token_id is not None:  # <|return|> / <|call|>: the parser must see it
+                run.tokens.append(out.stop_token_id)
                 events += run.parser.feed(out.stop_token_id)
             if out.finished:
                 events += run.parser.finish("length" if out.finish_reason == "length" else "stop")

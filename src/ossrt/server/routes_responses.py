@@ -12,8 +12,8 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import date
 from typing import Any, Literal
 
@@ -22,12 +22,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sequence import ContextLengthExceeded, QueueFull, SamplingParams
-from ..harmony import (AssistantMessage, FunctionTool, InstructionsMessage, MessageDone,
-                       PreambleDelta, ReasoningDelta, TextDelta, ToolCall, ToolCallArgsDelta,
-                       ToolCallStart, ToolResult, UserMessage, render_prompt)
+from ..harmony import (AssistantMessage, FunctionTool, InstructionsMessage, ToolCall, ToolResult,
+                       UserMessage, render_prompt, render_tool_result)
+from .agent import BuiltinTools, builtin_of
 from .errors import APIError, invalid, not_found
+from .metrics import record_tool_call
 from .routes_chat import _text_of, run_chat
 from .routes_completions import engine_errors, prepend
+from .responses_output import OutputBuilder
+from .responses_output import new_id as _new_id
 from .state import ServerState
 from .store import ResponseStore
 from .structured import FunctionSpec, compile_constraint, responses_answer_format, turn_spec
@@ -47,6 +50,7 @@ class ResponsesRequest(BaseModel):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
     reasoning: dict[str, Any] | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -57,10 +61,6 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     stream: bool = False
     user: str | None = None
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 # -- request -> items -> conversation ---------------------------------------------------------
@@ -118,9 +118,13 @@ def normalize_input(raw: str | list[Any]) -> list[dict[str, Any]]:
                     output)
             out.append({"type": "function_call_output", "id": item.get("id") or _new_id("fco"),
                         "call_id": item["call_id"], "output": output, "status": "completed"})
+        elif kind in ("web_search_call", "code_interpreter_call"):
+            out.append({k: v for k, v in item.items() if k != "_harmony"}
+                       | {"id": item.get("id") or _new_id("ws" if kind[0] == "w" else "ci")})
         else:
             raise invalid(f"unsupported input item type {kind!r} (gpt-oss takes message, "
-                          "reasoning, function_call and function_call_output items)",
+                          "reasoning, function_call, function_call_output, web_search_call "
+                          "and code_interpreter_call items)",
                           f"{where}.type", code="unsupported_input_item")
     return out
 
@@ -158,6 +162,15 @@ def items_to_conversation(items: list[dict[str, Any]]) -> list[Any]:
         elif kind == "function_call":
             calls.append(ToolCall(call_id=item["call_id"], name=item["name"],
                                   arguments=item["arguments"]))
+        elif kind in ("web_search_call", "code_interpreter_call"):
+            seen = item.get("_harmony")  # what the model wrote and read (stored responses)
+            if not seen or "output" not in seen:
+                continue  # a call we cannot replay faithfully is left out
+            namespace, _, name = seen["recipient"].rpartition(".")
+            calls.append(ToolCall(call_id=item["id"], name=name, arguments=seen["arguments"],
+                                  namespace=namespace or None, channel=seen["channel"]))
+            flush()
+            out.append(ToolResult(call_id=item["id"], output=seen["output"]))
         elif kind == "message" and item["role"] == "assistant":
             if text is not None or calls:
                 flush()
@@ -174,121 +187,41 @@ def items_to_conversation(items: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def _tools_of(raw: list[Any] | None) -> tuple[list[dict[str, Any]], list[FunctionTool]]:
-    echo, tools = [], []
-    for i, t in enumerate(raw or []):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise invalid(f"tool type {kind!r} is not supported: gpt-oss takes function tools",
-                          f"tools[{i}].type", code="unsupported_tool")
-        name = t.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(
-                c.isalnum() or c in "_-" for c in name):
-            raise invalid("a function tool needs a 'name' of letters, digits, '_' and '-'",
-                          f"tools[{i}].name")
-        params = t.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise invalid("'parameters' must be a JSON Schema object", f"tools[{i}].parameters")
-        strict = t.get("strict")
-        echo.append({"type": "function", "name": name, "description": t.get("description"),
-                     "parameters": params, "strict": True if strict is None else bool(strict)})
-        tools.append(FunctionTool(name, t.get("description") or "", params))
-    return echo, tools
+class RequestTools:
+    """The request's `tools`: function tools, and the built-in tools it switches on."""
 
-
-# -- output building ---------------------------------------------------------------------------
-
-class OutputBuilder:
-    """Parser events -> Responses stream events (without sequence numbers) + output items."""
-
-    def __init__(self) -> None:
-        self.output: list[dict[str, Any]] = []
-        self._cur: dict[str, Any] | None = None
-        self._kind: str | None = None  # reasoning | message | function_call | skip
-        self._chunks: list[str] = []
-        self.status = "completed"  # what closing items get; "incomplete" for a cut turn
-
-    def feed(self, ev: Any) -> list[dict[str, Any]]:
-        if isinstance(ev, ReasoningDelta):
-            return self._delta("reasoning", ev.text)
-        if isinstance(ev, (TextDelta, PreambleDelta)):
-            return self._delta("message", ev.text)
-        if isinstance(ev, ToolCallStart):
-            out = self.close()
-            if not ev.name.startswith("functions."):  # built-in tools are not served yet
-                self._kind = "skip"
-                return out
-            return out + self._open("function_call", call_id=ev.call_id,
-                                    name=ev.name.removeprefix("functions."))
-        if isinstance(ev, ToolCallArgsDelta):
-            if self._kind != "function_call" or not ev.text:
-                return []
-            self._chunks.append(ev.text)
-            return [self._ev("response.function_call_arguments.delta", delta=ev.text)]
-        if isinstance(ev, MessageDone):
-            return self.close()
-        return []
-
-    def _ev(self, type_: str, **fields: Any) -> dict[str, Any]:
-        assert self._cur is not None
-        return {"type": type_, "item_id": self._cur["id"], "output_index": len(self.output),
-                **fields}
-
-    def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
-        out = [] if self._kind == kind else self.close() + self._open(kind)
-        if not text:
-            return out
-        self._chunks.append(text)
-        name = "response.reasoning_text.delta" if kind == "reasoning" else (
-            "response.output_text.delta")
-        extra = {} if kind == "reasoning" else {"logprobs": []}
-        return out + [self._ev(name, content_index=0, delta=text, **extra)]
-
-    def _open(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
-        self._kind, self._chunks = kind, []
-        if kind == "reasoning":
-            self._cur = {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": []}
-            part = {"type": "reasoning_text", "text": ""}
-        elif kind == "message":
-            self._cur = {"id": _new_id("msg"), "type": "message", "role": "assistant",
-                         "status": "in_progress", "content": []}
-            part = {"type": "output_text", "text": "", "annotations": []}
-        else:
-            self._cur = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
-                         "arguments": "", **fields}
-            return [{"type": "response.output_item.added", "output_index": len(self.output),
-                     "item": dict(self._cur)}]
-        return [{"type": "response.output_item.added", "output_index": len(self.output),
-                 "item": dict(self._cur)},
-                self._ev("response.content_part.added", content_index=0, part=part)]
-
-    def close(self) -> list[dict[str, Any]]:
-        """Ends the open item (if any): its done events; the item joins `output`."""
-        kind, item = self._kind, self._cur
-        self._kind, self._cur = None, None
-        if item is None or kind is None:
-            return []
-        self._cur = item  # for _ev
-        text = "".join(self._chunks)
-        if kind == "reasoning":
-            part = {"type": "reasoning_text", "text": text}
-            item["content"] = [part]
-            out = [self._ev("response.reasoning_text.done", content_index=0, text=text),
-                   self._ev("response.content_part.done", content_index=0, part=part)]
-        elif kind == "message":
-            part = {"type": "output_text", "text": text, "annotations": []}
-            item["content"], item["status"] = [part], self.status
-            out = [self._ev("response.output_text.done", content_index=0, text=text,
-                            logprobs=[]),
-                   self._ev("response.content_part.done", content_index=0, part=part)]
-        else:
-            item["arguments"], item["status"] = text, self.status
-            out = [self._ev("response.function_call_arguments.done", arguments=text)]
-        out.append({"type": "response.output_item.done", "output_index": len(self.output),
-                    "item": item})
-        self._cur = None
-        self.output.append(item)
-        return out
+    def __init__(self, raw: list[Any] | None, builtin: BuiltinTools | None) -> None:
+        self.echo: list[dict[str, Any]] = []  # what the response object shows
+        self.functions: list[FunctionTool] = []
+        self.specs: list[FunctionSpec] = []  # for strict (constrained) arguments
+        self.builtins: set[str] = set()
+        for i, t in enumerate(raw or []):
+            if not isinstance(t, dict):
+                raise invalid("a tool must be an object", f"tools[{i}]")
+            hosted = builtin_of(t, i, builtin)
+            if hosted is not None:
+                self.builtins.add(hosted)
+                self.echo.append(t)
+                continue
+            if t.get("type") != "function":
+                raise invalid(f"tool type {t.get('type')!r} is not supported: gpt-oss takes "
+                              "function, web_search_preview and code_interpreter tools",
+                              f"tools[{i}].type", code="unsupported_tool")
+            name = t.get("name")
+            if not isinstance(name, str) or not name or len(name) > 64 or not all(
+                    c.isalnum() or c in "_-" for c in name):
+                raise invalid("a function tool needs a 'name' of letters, digits, '_' and '-'",
+                              f"tools[{i}].name")
+            params = t.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise invalid("'parameters' must be a JSON Schema object",
+                              f"tools[{i}].parameters")
+            strict = True if t.get("strict") is None else bool(t.get("strict"))
+            self.echo.append({"type": "function", "name": name,
+                              "description": t.get("description"), "parameters": params,
+                              "strict": strict})
+            self.functions.append(FunctionTool(name, t.get("description") or "", params))
+            self.specs.append(FunctionSpec(name, params, strict, f"tools[{i}].parameters"))
 
 
 def sse_event(seq: int, ev: dict[str, Any]) -> str:
@@ -318,15 +251,21 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         effort = "low"
     if effort not in ("low", "medium", "high"):
         raise invalid("reasoning.effort must be 'low', 'medium' or 'high'", "reasoning.effort")
-    tools_echo, tools = _tools_of(body.tools)
+    builtin: BuiltinTools | None = getattr(state, "builtin_tools", None)
+    tools = RequestTools(body.tools, builtin)
     choice = body.tool_choice
     if isinstance(choice, dict):
-        if choice.get("type") != "function" or choice.get("name") not in {t.name for t in tools}:
+        hosted = choice.get("type") in ("web_search_preview", "web_search", "code_interpreter")
+        if not hosted and (choice.get("type") != "function" or choice.get("name") not in {
+                t.name for t in tools.functions}):
             raise invalid(f"tool_choice names an unknown function {choice.get('name')!r}",
                           "tool_choice")
+        if hosted:
+            choice = "auto"  # the model is shown the tool; calling it stays its choice
     elif choice not in (None, "auto", "none", "required"):
         raise invalid("tool_choice must be 'auto', 'none', 'required' or a function",
                       "tool_choice")
+    builtins = frozenset() if choice == "none" else frozenset(tools.builtins)
     input_items = normalize_input(body.input)
     history: list[dict[str, Any]] = []
     if body.previous_response_id:
@@ -338,23 +277,25 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     convo = items_to_conversation(history + input_items)
     try:
         prompt = render_prompt(convo, reasoning_effort=effort,
-                               tools=[] if choice == "none" else tools,
+                               tools=[] if choice == "none" else tools.functions,
                                instructions=body.instructions,
                                current_date=date.today().isoformat(),
+                               builtin_tools=sorted(builtins),
                                response_format=answer.prompt_section())
     except ValueError as exc:
         raise invalid(str(exc), "input") from exc
     params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p,
                             max_tokens=body.max_output_tokens, stop_token_ids=STOP_TOKEN_IDS)
-    functions = [FunctionSpec(t["name"], t["parameters"], bool(t["strict"]),
-                              f"tools[{i}].parameters") for i, t in enumerate(tools_echo)]
     forced = choice.get("name") if isinstance(choice, dict) else choice
     constraint = await compile_constraint(
-        turn_spec(answer, functions, forced, params.max_tokens), answer, functions)
+        turn_spec(answer, tools.specs, forced, params.max_tokens), answer, tools.specs)
+    mask = constraint.factory if constraint else None
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
              "reasoning_tokens": 0}
     rid, created = _new_id("resp"), int(time.time())
+    max_calls = min(body.max_tool_calls or (builtin.max_calls if builtin else 0),
+                    builtin.max_calls if builtin else 0)
     response: dict[str, Any] = {
         "id": rid, "object": "response", "created_at": created, "status": "in_progress",
         "error": None, "incomplete_details": None, "instructions": body.instructions,
@@ -365,38 +306,88 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         "reasoning": {"effort": effort, "summary": None}, "store": body.store,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "text": {"format": fmt}, "tool_choice": choice or "auto",
-        "tools": tools_echo, "top_p": 1.0 if body.top_p is None else body.top_p,
+        "tools": tools.echo, "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled", "usage": None, "user": body.user,
         "metadata": body.metadata or {}}
-    gen = run_chat(state, prompt, params, [], usage, constraint.factory if constraint else None)
-    try:
-        first = await anext(gen)
-    except StopAsyncIteration:
-        first = None
-    except (ContextLengthExceeded, QueueFull, ValueError) as exc:
-        err = engine_errors(exc)
-        if err.code == "context_length_exceeded":
-            err.param = "input"
-        raise err from exc
-    builder = OutputBuilder()
+    if builtins:
+        response["max_tool_calls"] = body.max_tool_calls
+
+    async def start(ids: list[int], round_params: SamplingParams, round_usage: dict[str, int]
+                    ) -> tuple[Any, Any]:
+        """A generation's stream and its first item; engine refusals become 4xx/5xx."""
+        gen = run_chat(state, ids, round_params, [], round_usage, mask)
+        try:
+            return gen, await anext(gen)
+        except StopAsyncIteration:
+            return gen, None
+        except (ContextLengthExceeded, QueueFull, ValueError) as exc:
+            err = engine_errors(exc)
+            if err.code == "context_length_exceeded":
+                err.param = "input"
+            raise err from exc
+
+    round_usage = dict(usage)
+    gen, first = await start(prompt, params, round_usage)
+    builder = OutputBuilder(builtins, builtin.annotator(rid) if builtin and builtins else None)
 
     async def produce() -> AsyncIterator[dict[str, Any]]:
-        finish = None
-        async for run, evs in prepend(first, gen):
-            if run.finish == "length":
+        nonlocal gen, first, round_usage
+        ids, calls, limited = prompt, 0, False
+        incomplete: str | None = None
+        while True:
+            finish, last = None, None
+            async for run, evs in prepend(first, gen):
+                last = run
+                if run.finish == "length":
+                    builder.status = "incomplete"
+                for ev in evs:
+                    for out in builder.feed(ev):
+                        yield out
+                finish = run.finish or finish
+            if finish is None:
                 builder.status = "incomplete"
-            for ev in evs:
-                for out in builder.feed(ev):
+            for out in builder.close():
+                yield out
+            for key in usage:
+                usage[key] += round_usage[key]
+            call = builder.pending_call()
+            if call is None:
+                break
+            spent = usage["completion_tokens"]
+            budget = None if body.max_output_tokens is None else body.max_output_tokens - spent
+            if finish != "tool_calls" or last is None or (budget is not None and budget <= 0):
+                incomplete = "max_output_tokens"  # the call was cut, or no tokens are left
+            elif limited:
+                incomplete = "max_tool_calls"  # it called again after being told to answer
+            if incomplete:
+                builder.status = "incomplete"
+                for out in builder.finish_builtin(None, False, status="incomplete"):
                     yield out
-            finish = run.finish or finish
-        if finish is None:
-            builder.status = "incomplete"
-        for out in builder.close():
-            yield out
-        response["output"] = builder.output
-        if finish in (None, "length"):
+                break
+            recipient, channel, arguments = call
+            if calls >= max_calls:  # tell the model, give it one more round to answer
+                limited, text = True, (f"Error: the limit of {max_calls} tool calls for this "
+                                       "response was reached; answer with what you have.")
+                for out in builder.finish_builtin(text, False):
+                    yield out
+            else:
+                calls += 1
+                for out in builder.begin_builtin():
+                    yield out
+                result = await builtin.run(recipient, arguments, rid)  # type: ignore[union-attr]
+                record_tool_call("python" if recipient == "python" else "browser", result.ok)
+                text = result.text
+                for out in builder.finish_builtin(
+                        text, result.ok, url=result.meta.get("url"),
+                        sources=[c.url for c in result.citations if c.kind == "search_result"]):
+                    yield out
+            ids = ids + last.tokens + render_tool_result(recipient, channel, text)
+            round_usage = {key: 0 for key in usage}
+            gen, first = await start(ids, replace(params, max_tokens=budget), round_usage)
+        response["output"] = builder.public_output()
+        if incomplete or finish in (None, "length"):
             response["status"] = "incomplete"
-            response["incomplete_details"] = {"reason": "max_output_tokens"}
+            response["incomplete_details"] = {"reason": incomplete or "max_output_tokens"}
         else:
             response["status"] = "completed"
         response["usage"] = {
@@ -406,7 +397,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
             "output_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
         if body.store:
-            await asyncio.to_thread(store.put, response, input_items)
+            await asyncio.to_thread(store.put, response, input_items, builder.transcript)
 
     if not body.stream:
         try:
@@ -429,6 +420,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         try:
             async for ev in produce():
                 yield emit(ev)
+        except GeneratorExit:  # the client went away: stop generating now
+            await gen.aclose()
+            raise
         except Exception as exc:  # noqa: BLE001 - the stream has begun: report it in-band
             if isinstance(exc, APIError):  # e.g. the request timeout: expected, no traceback
                 logger.warning("response %s failed: %s", rid, exc.message)
@@ -436,7 +430,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
                 logger.exception("response %s failed", rid)
             msg = exc.message if isinstance(exc, APIError) else str(exc) or type(exc).__name__
             code = (exc.code or exc.type) if isinstance(exc, APIError) else "server_error"
-            response.update(status="failed", output=builder.output,
+            response.update(status="failed", output=builder.public_output(),
                             error={"code": code, "message": msg})
             yield emit({"type": "response.failed", "response": response})
             return
@@ -452,7 +446,7 @@ async def retrieve_response(response_id: str, request: Request) -> Any:
     stored = await asyncio.to_thread(_store(request.app.state.ossrt).get, response_id)
     if stored is None:
         raise _missing(response_id)
-    return stored.response
+    return {k: v for k, v in stored.response.items() if not k.startswith("_")}
 
 
 @router.delete("/v1/responses/{response_id}")

@@ -15,6 +15,7 @@ from ..harmony.tokenizer import HarmonyTokenizer
 from .errors import not_found
 
 if TYPE_CHECKING:
+    from .agent import BuiltinTools
     from .auth import Authenticator
     from .ratelimit import RateLimiter
     from .store import ResponseStore
@@ -58,6 +59,7 @@ class ServerState:
     metrics_public: bool = False  # GET /metrics without a key even when auth is on
     engine_stats: Callable[[], dict[str, float]] | None = None  # engine gauges for /metrics
     request_timeout: float | None = None  # s a generation may take (None: no limit)
+    builtin_tools: BuiltinTools | None = None  # browser / python for the Responses API
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:

@@ -61,9 +61,14 @@ class ResponseStore:
         with self._lock:
             self._db.close()
 
-    def put(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+    def put(self, response: dict[str, Any], input_items: list[dict[str, Any]],
+            transcript: dict[str, dict[str, str]] | None = None) -> None:
+        """`transcript`: for each built-in tool call item id, what the model wrote and read
+        (recipient, channel, arguments, output), kept so a chain replays it exactly; stored
+        under the response's private `_tool_transcript` key."""
+        stored = {**response, "_tool_transcript": transcript} if transcript else response
         row = (response["id"], float(response["created_at"]), str(response["model"]),
-               json.dumps(response), json.dumps(input_items),
+               json.dumps(stored), json.dumps(input_items),
                response.get("previous_response_id"))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -106,5 +111,7 @@ class ResponseStore:
         items: list[dict[str, Any]] = []
         for link in reversed(links):
             items += link.input_items
-            items += link.response.get("output") or []
+            seen = link.response.get("_tool_transcript") or {}
+            items += [{**item, "_harmony": seen[item.get("id")]} if item.get("id") in seen
+                      else item for item in link.response.get("output") or []]
         return items
