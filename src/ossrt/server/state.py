@@ -60,6 +60,11 @@ class ServerState:
     engine_stats: Callable[[], dict[str, float]] | None = None  # engine gauges for /metrics
     request_timeout: float | None = None  # s a generation may take (None: no limit)
     builtin_tools: BuiltinTools | None = None  # browser / python for the Responses API
+    model_dir: str | None = None  # the base checkpoint (what fine-tuning jobs train on)
+    data_dir: str | None = None  # files, jobs and their outputs live under it
+    # Serve a LoRA adapter folder under a new model id at once (`ossrt serve` sets it; None:
+    # this app cannot load adapters). Blocking: call it through asyncio.to_thread.
+    add_adapter: Callable[[str, str], None] | None = None
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:
