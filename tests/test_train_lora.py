@@ -144,3 +144,55 @@ def test_bfloat16_model_and_autocast_train(model: GptOss, tmp_path: Path) -> Non
                    and bool(torch.isfinite(t.grad).all()) for t in adapter.parameters())
         # bf16 compute follows the float32 result closely (logits of magnitude ~20)
         assert (logits.detach() - ref).abs().mean() < 0.5
+
+
+def test_whole_forward_gradient_matches_finite_differences(model: GptOss,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Autograd through attention, router top-k and MXFP4 experts vs a central difference of
+    the loss along a random direction of every LoRA tensor at once. The loss is only piecewise
+    smooth (a perturbation that flips some token's top-k routing makes it jump), so the step
+    used is the largest one whose two evaluations route every token as the unperturbed one."""
+    adapter = LoraAdapter.create(model.cfg, LoraSpec(rank=2, targets=ALL))
+    _randomize(adapter, 0.05)
+    ids = _ids(12, 6)
+    routes: list[torch.Tensor] = []
+    topk = torch.topk
+
+    def recording_topk(x: torch.Tensor, k: int, **kw: object):  # noqa: ANN202
+        out = topk(x, k, **kw)
+        routes.append(out.indices.clone())
+        return out
+
+    monkeypatch.setattr(torch, "topk", recording_topk)
+
+    def loss() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        routes.clear()
+        value = train_forward(model, adapter, ids).logsumexp(-1).mean()
+        return value, list(routes)
+
+    value, base_routes = loss()
+    value.backward()
+    g = torch.Generator().manual_seed(2)
+    direction = [torch.randn(t.shape, generator=g) for t in adapter.parameters()]
+    analytic = sum(float((t.grad * d).sum()) for t, d in zip(adapter.parameters(), direction))
+    numeric = None
+    with torch.no_grad():
+        for eps in (3e-3, 1e-3, 3e-4, 1e-4):
+            values = []
+            for sign in (1, -1):
+                for t, d in zip(adapter.parameters(), direction):
+                    t.add_(sign * eps * d)
+                v, r = loss()
+                values.append((float(v), all(torch.equal(a, b) for a, b in zip(r, base_routes))))
+                for t, d in zip(adapter.parameters(), direction):
+                    t.sub_(sign * eps * d)
+            if values[0][1] and values[1][1]:
+                numeric = (values[0][0] - values[1][0]) / (2 * eps)
+                break
+    assert numeric is not None, "every step flipped a routing decision"
+    assert abs(analytic) > 0.1
+    assert abs(numeric - analytic) < 0.02 * abs(analytic), (numeric, analytic, eps)
+    served = adapter.to(dtype=torch.bfloat16)
+    assert not any(t.requires_grad for t in served.parameters())
+    assert served.pair(0, "q_proj")[0].dtype == torch.bfloat16

@@ -16,7 +16,8 @@ from ossrt.model.loader import read_checkpoint
 from ossrt.model.mxfp4 import dequantize
 from ossrt.train.lora import ATTN_MODULES, LoraAdapter, LoraSpec, train_forward
 from ossrt.train.merge import merge_adapter
-from ossrt.train.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from ossrt.train.peft_io import (CONFIG_FILE, WEIGHTS_FILE, load_adapter, peft_key,
+                                 save_adapter)
 
 IDS = torch.randint(0, 200000, (2, 40), generator=torch.Generator().manual_seed(5))
 
@@ -57,6 +58,15 @@ def test_peft_loads_our_adapter_with_the_same_logits(ckpt: Path, tmp_path: Path)
         base = ours.logits(ours(IDS))
     assert (mine - base).abs().max() > 0.1  # the adapter matters ...
     assert (theirs - mine).abs().max() < 1e-4  # ... and both runtimes apply it the same way
+    # gradients: ours vs autograd through transformers + PEFT, same loss
+    theirs_params = dict(tuned.named_parameters())
+    for name, t in attn.named():
+        theirs_params[peft_key(name).replace(".weight", ".default.weight")].requires_grad_(True)
+    tuned(IDS).logits.float().logsumexp(-1).mean().backward()
+    train_forward(ours, attn, IDS).logsumexp(-1).mean().backward()
+    for name, t in attn.named():
+        other = theirs_params[peft_key(name).replace(".weight", ".default.weight")].grad
+        assert torch.allclose(t.grad, other, rtol=1e-3, atol=1e-5), name
     # an adapter that also tunes router and experts: PEFT loads its attention part only
     full = _adapter(("attn", "router", "experts"), seed=1)
     save_adapter(full, tmp_path / "full")

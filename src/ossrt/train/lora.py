@@ -119,6 +119,12 @@ class LoraAdapter:
         for k in sorted(self.tensors):
             yield k, self.tensors[k]
 
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> LoraAdapter:
+        """A frozen copy (no grad) on `device` in `dtype`, e.g. for serving."""
+        return LoraAdapter(self.spec, self.num_layers, {
+            k: v.detach().to(device=device, dtype=dtype) for k, v in self.tensors.items()})
+
     def delta(self, layer: int, module: str, expert: int | None = None) -> torch.Tensor | None:
         """scale * B @ A in float32: [out, in] (an expert's when `expert` is given)."""
         p = self.pair(layer, module)
