@@ -136,6 +136,14 @@ def test_same_seed_same_bytes_and_resume(model: GptOss, tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="learning_rate"):
         train(model, data, tmp_path / "d", _small_cfg(learning_rate=1e-3), resume=True)
+    with pytest.raises(ValueError, match="training data differs"):
+        train(model, data[1:], tmp_path / "d", cfg, resume=True)
+    # the caller's random state is left as it was
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(model, data[:1], tmp_path / "e", _small_cfg(epochs=1))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_adapter_survives_a_round_trip(model: GptOss, tmp_path: Path) -> None:

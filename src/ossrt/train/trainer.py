@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import threading
 import time
@@ -150,13 +151,13 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def _save_checkpoint(out: Path, step: int, adapter: LoraAdapter, opt: torch.optim.Optimizer,
-                     cfg: TrainConfig, base_model: str) -> Path:
+                     cfg: TrainConfig, base_model: str, data_id: str) -> Path:
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".partial")
     save_adapter(adapter, tmp, base_model)
     torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "config": cfg.to_dict()}, tmp / "state.pt")
+                "config": cfg.to_dict(), "data": data_id}, tmp / "state.pt")
     if final.exists():
         import shutil
         shutil.rmtree(final)
@@ -165,12 +166,14 @@ def _save_checkpoint(out: Path, step: int, adapter: LoraAdapter, opt: torch.opti
 
 
 def _restore(ckpt: Path, adapter: LoraAdapter, opt: torch.optim.Optimizer,
-             cfg: TrainConfig) -> int:
+             cfg: TrainConfig, data_id: str) -> int:
     state = torch.load(ckpt / "state.pt", weights_only=False)
     old, new = state["config"], cfg.to_dict()
     diff = [k for k in _RESUME_FIELDS if old.get(k) != new.get(k)]
     if diff:
         raise ValueError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff)}")
+    if state.get("data") != data_id:
+        raise ValueError(f"cannot resume from {ckpt}: the training data differs")
     saved = load_adapter(ckpt)
     with torch.no_grad():
         for name, t in adapter.named():
@@ -190,8 +193,29 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
           cancel: threading.Event | None = None,
           resume: bool = False) -> TrainResult:
     """Trains a LoRA adapter on rendered examples; writes `out/adapter_model.safetensors` and
-    `out/adapter_config.json` at the end (see the module docstring for checkpoints/events)."""
-    out = Path(out)
+    `out/adapter_config.json` at the end (see the module docstring for checkpoints/events).
+
+    Runs on the calling thread (`on_event` too). torch's global generator (LoRA dropout) is
+    seeded inside and restored afterwards, so the caller's random state is untouched; with
+    dropout, bit-exact reruns need no other thread drawing from it meanwhile.
+    """
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _train(model, train_examples, Path(out), cfg, validation, base_model, on_event,
+                      cancel, resume)
+
+
+def _fingerprint(rows: Sequence[PackedRow]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(repr((r.input_ids, r.loss_mask, r.segment)).encode())
+    return h.hexdigest()
+
+
+def _train(model: GptOss, train_examples: Sequence[Example], out: Path, cfg: TrainConfig,
+           validation: Sequence[Example] | None, base_model: str,
+           on_event: Callable[[Event], None] | None, cancel: threading.Event | None,
+           resume: bool) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda e: None)
     torch.manual_seed(cfg.seed)
@@ -199,6 +223,7 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate,
                             weight_decay=cfg.weight_decay)
     rows = pack(train_examples, cfg.max_seq_len, cfg.packing)
+    data_id = _fingerprint(rows)
     val_rows = pack(validation, cfg.max_seq_len, cfg.packing) if validation else []
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(rows) / per_step)
@@ -206,7 +231,7 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     step = 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        step = _restore(ckpt, adapter, opt, cfg)
+        step = _restore(ckpt, adapter, opt, cfg, data_id)
     emit({"event": "start", "step": step, "total_steps": total, "rows": len(rows),
           "examples": len(train_examples), "trainable_parameters":
           sum(p.numel() for p in adapter.parameters()), "resumed_from": step if step else None})
@@ -218,7 +243,7 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
     try:
         while step < stop:
             if cancel is not None and cancel.is_set():
-                last_ckpt = _save_checkpoint(out, step, adapter, opt, cfg, base_model)
+                last_ckpt = _save_checkpoint(out, step, adapter, opt, cfg, base_model, data_id)
                 emit({"event": "cancelled", "step": step, "checkpoint": str(last_ckpt)})
                 return TrainResult(None, step, total, losses, val_loss, True, last_ckpt)
             t0 = time.perf_counter()
@@ -252,7 +277,7 @@ def train(model: GptOss, train_examples: Sequence[Example], out: str | Path,
                 val_loss = evaluate(model, adapter, val_rows, cfg)
                 emit({"event": "eval", "step": step, "val_loss": val_loss})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop:
-                last_ckpt = _save_checkpoint(out, step, adapter, opt, cfg, base_model)
+                last_ckpt = _save_checkpoint(out, step, adapter, opt, cfg, base_model, data_id)
                 emit({"event": "checkpoint", "step": step, "path": str(last_ckpt)})
     finally:
         bar.close()
