@@ -236,3 +236,16 @@ def test_async_engine_streams_and_aborts_on_disconnect(model):
             front.close()
 
     asyncio.run(main())
+
+
+def test_chunked_prefill_in_bfloat16(tmp_path_factory):
+    """A prompt longer than one step's token budget in bf16 (the served dtype): steps that only
+    prefill sample nothing, and must not run the unembedding on zero rows (they killed the
+    engine loop once: the native GEMV path was taken for 0 rows)."""
+    out = tmp_path_factory.mktemp("bf16-ckpt")
+    write_checkpoint(preset("tiny"), out, seed=13)
+    m = load_model(out, "bfloat16", progress=False)
+    p = torch.randint(0, 200_000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = LLMEngine(m, EngineConfig(max_num_batched_tokens=64, kv_cache_bytes=16 << 20))
+    got = run_all(engine, {"long": (p, SamplingParams(temperature=0, max_tokens=3))})["long"]
+    assert len(tokens(got)) == 3

@@ -102,6 +102,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_arg(value: str) -> tuple[str, str]:
+    name, eq, folder = value.partition("=")
+    if not eq or not name or not folder or not all(c.isalnum() or c in "-_." for c in name):
+        raise SystemExit(f"ossrt serve: --lora wants NAME=DIR (NAME of letters, digits, -_.), "
+                         f"not {value!r}")
+    return name, folder
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, serve
 
@@ -117,7 +125,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        request_timeout=args.request_timeout,
                        browser=not args.no_browser, browser_corpus=args.browser_corpus,
                        searxng=args.searxng, python_tool=not args.no_python,
-                       unsafe_python=args.unsafe_python, max_tool_calls=args.max_tool_calls))
+                       unsafe_python=args.unsafe_python, max_tool_calls=args.max_tool_calls,
+                       loras=tuple(_lora_arg(a) for a in args.lora or ())))
     return 0
 
 
@@ -196,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds one generation may take, queueing included (504 / in-band "
                      "error after that; 0 = no limit)")
+    srv.add_argument("--lora", action="append", metavar="NAME=DIR",
+                     help="serve a LoRA adapter folder beside the base model as MODEL:NAME "
+                     "(repeatable; PEFT layout, e.g. from `ossrt finetune`)")
     tools = srv.add_argument_group("built-in tools (Responses API: web_search_preview, "
                                    "code_interpreter)")
     tools.add_argument("--browser-corpus", default=None, metavar="DIR",

@@ -38,6 +38,7 @@ class ServeOptions:
     python_tool: bool = True  # the built-in python tool (code_interpreter), sandboxed
     unsafe_python: bool = False  # run python without a sandbox where bubblewrap cannot run
     max_tool_calls: int = 8  # built-in tool calls per response
+    loras: tuple[tuple[str, str], ...] = ()  # (NAME, adapter folder): served as BASE:NAME
 
 
 def find_default_model() -> tuple[str, bool]:
@@ -89,17 +90,42 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
           f"{str(model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f} s; "
           f"serving {', '.join(names)} on http://{opts.host}:{opts.port}", file=sys.stderr)
     data_dir = Path(opts.data_dir) if opts.data_dir else cache_root() / "data"
+    front = AsyncEngine(engine)
+
+    def add_adapter(model_id: str, folder: str) -> None:
+        front.add_adapter(model_id, load_lora(folder, model))
+
+    for name, folder in opts.loras:  # beside every base name, sharing its weights
+        for base in names:
+            add_adapter(f"{base}:{name}", folder)
+            cards.append(ModelCard(id=f"{base}:{name}", max_model_len=engine.max_model_len,
+                                   vocab_size=model.cfg.vocab_size, adapter=f"{base}:{name}",
+                                   parent=base))
+        print(f"ossrt: LoRA adapter {name} from {folder} served as "
+              f"{', '.join(f'{b}:{name}' for b in names)}", file=sys.stderr)
     builtins, tools_banner = configure_builtins(
         data_dir, browser=opts.browser, corpus=opts.browser_corpus, searxng=opts.searxng,
         python=opts.python_tool, unsafe_python=opts.unsafe_python,
         max_calls=opts.max_tool_calls)
     print(f"ossrt: {tools_banner}", file=sys.stderr)
-    state = ServerState(engine=AsyncEngine(engine), tokenizer=get_tokenizer(), models=cards,
+    state = ServerState(engine=front, tokenizer=get_tokenizer(), models=cards,
                         store=ResponseStore(data_dir), auth=auth, rate_limits=limiter,
                         metrics_public=opts.metrics_public, engine_stats=engine_stats(engine),
-                        request_timeout=opts.request_timeout or None, builtin_tools=builtins)
+                        request_timeout=opts.request_timeout or None, builtin_tools=builtins,
+                        model_dir=path, data_dir=str(data_dir), add_adapter=add_adapter)
     print(f"ossrt: {auth_banner}", file=sys.stderr)
     return create_app(state, max_body_bytes=opts.max_body_bytes)
+
+
+def load_lora(folder: str, model):  # noqa: ANN001, ANN201 - GptOss -> LoraWeights
+    """A PEFT-layout adapter folder (`ossrt finetune` or PEFT, attention/router targets) as
+    weights the engine serves beside the base model; ValueError when it does not fit."""
+    from .model.lora import LoraWeights
+    from .train.peft_io import load_adapter
+
+    adapter = load_adapter(folder, model=model.cfg)
+    return LoraWeights.from_tensors(dict(adapter.named()), adapter.spec.scale, model.dtype,
+                                    model.device)
 
 
 def engine_stats(engine):  # noqa: ANN001, ANN201 - an LLMEngine -> its /metrics gauges

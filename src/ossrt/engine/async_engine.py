@@ -69,6 +69,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", (request_id,)))
 
+    def add_adapter(self, name: str, weights: Any) -> None:
+        """`LLMEngine.add_adapter` (a LoraWeights), from any thread."""
+        self.engine.add_adapter(name, weights)
+
     def close(self) -> None:
         self._stop.set()
         self._commands.put(("wake", ()))

@@ -316,6 +316,8 @@ def _chain_hashes(seq: Sequence, block_size: int, hashes: list[int], n: int) -> 
             tokens = prompt[lo:hi]
         else:
             tokens = prompt[lo:] + output[max(0, lo - len(prompt)):hi - len(prompt)]
-        parent = hashes[i - 1] if i else None
+        # the first block's parent is the adapter: the same tokens under another LoRA adapter
+        # have other keys and values, so they must never share blocks
+        parent = hashes[i - 1] if i else seq.params.adapter
         hashes.append(hash((parent, tuple(tokens))))
     return hashes

@@ -14,6 +14,7 @@ import torch
 
 from ..model import GptOss
 from ..model.config import FULL, SLIDING
+from ..model.lora import LoraBatch, LoraWeights
 from .kv_cache import KVCacheManager, KVCacheSpec
 from .paged_attention import PagedAttention, PagedKVStorage
 from .sampler import TokenMaskProvider, make_generator, sample
@@ -73,12 +74,27 @@ class LLMEngine:
         self.num_preemptions = 0  # since start, for metrics
         self._generators: dict[int, torch.Generator] = {}
         self._masks: dict[int, TokenMaskProvider] = {}
+        self.adapters: dict[str, LoraWeights] = {}
+
+    def add_adapter(self, name: str, weights: LoraWeights) -> None:
+        """Serves a LoRA adapter to requests whose params name it (no copy of base weights).
+        Safe to call from another thread: a single dict store, read by the engine per step."""
+        cfg = self.model.cfg
+        weights.check({"q_proj": (cfg.q_dim, cfg.hidden_size),
+                       "k_proj": (cfg.kv_dim, cfg.hidden_size),
+                       "v_proj": (cfg.kv_dim, cfg.hidden_size),
+                       "o_proj": (cfg.hidden_size, cfg.q_dim),
+                       "router": (cfg.num_local_experts, cfg.hidden_size)},
+                      cfg.num_hidden_layers)
+        self.adapters[name] = weights
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     mask_provider: Callable[[], TokenMaskProvider] | None = None) -> None:
         """Queues a request (n sequences). Raises ContextLengthExceeded / QueueFull / ValueError
         before any work is done."""
+        if params.adapter is not None and params.adapter not in self.adapters:
+            raise ValueError(f"unknown LoRA adapter {params.adapter!r}")
         vocab = self.model.cfg.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -118,14 +134,23 @@ class LLMEngine:
         pos: list[int] = []
         rows: list[int] = []
         meta = []
+        groups: dict[str, list[int]] = {}  # adapter -> its rows of the flat batch
         for c in chunks:
+            if c.seq.params.adapter is not None:
+                groups.setdefault(c.seq.params.adapter, []).extend(
+                    range(len(ids), len(ids) + c.num_tokens))
             ids += c.seq.all_token_ids[c.start:c.start + c.num_tokens]
             pos += range(c.start, c.start + c.num_tokens)
             if c.samples:
                 rows.append(len(ids) - 1)
             meta.append((c.start, c.num_tokens, self.kv.table(c.seq.seq_id)))
         attn = PagedAttention(self.storage, meta)
-        hidden = self.model.forward_flat(torch.tensor(ids), torch.tensor(pos), attn)  # [N, H]
+        lora = LoraBatch([(self.adapters[name], torch.tensor(r, device=self.model.device))
+                          for name, r in groups.items()], len(ids)) if groups else None
+        hidden = self.model.forward_flat(torch.tensor(ids), torch.tensor(pos), attn,
+                                         lora)  # [N, H]
+        if not rows:  # a step of prefill chunks only: nothing samples
+            return torch.empty(0, self.model.cfg.vocab_size)
         return self.model.logits(hidden[rows]).cpu()
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampledToken]:

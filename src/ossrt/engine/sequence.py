@@ -37,6 +37,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     n: int = 1
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob + top-k others
+    adapter: str | None = None  # a LoRA adapter added with LLMEngine.add_adapter; None: base
 
     def __post_init__(self) -> None:
         problems = []

@@ -7,6 +7,7 @@ E experts, K experts per token, I expert intermediate size, N = B*T tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     reads the weight at memory bandwidth; everything else through torch.
     """
     rows = x.numel() // x.shape[-1]
-    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and rows <= _GEMV_MAX_ROWS
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and 0 < rows <= _GEMV_MAX_ROWS
             and x.device.type == "cpu" and kernels.available()):
         y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
         return y.to(out_dtype or x.dtype)
@@ -161,7 +162,9 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
         w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
-        limit: float, alpha: float) -> torch.Tensor:
+        limit: float, alpha: float,
+        router_adjust: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        ) -> torch.Tensor:
     """x [N, H] -> [N, H]. Experts stay MXFP4: for a few tokens the native kernel reads the
     packed bytes directly; for many, each expert is dequantized for this call only.
 
@@ -170,6 +173,8 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
     """
     n, _ = x.shape
     logits = linear(x, router_w, router_b)  # [N, E]
+    if router_adjust is not None:  # e.g. LoRA on the router: adds to logits in place
+        router_adjust(x, logits)
     top, idx = torch.topk(logits, top_k, dim=-1)  # [N, K]
     weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # [N, K]
     flat = idx.flatten()  # [N*K]

@@ -18,6 +18,7 @@ from torch import nn
 from .config import GptOssConfig
 from .layers import YarnRope, attend, linear, moe, rms_norm
 from .loader import Checkpoint, read_checkpoint
+from .lora import LoraBatch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -86,23 +87,34 @@ class Block(nn.Module):
             self.register_buffer(key, w[p + key], persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        """x [N, H] -> [N, H]; cos/sin [N, D/2] for each token's position."""
-        cfg = self.cfg
+                attn: AttentionBackend, lora: LoraBatch | None = None) -> torch.Tensor:
+        """x [N, H] -> [N, H]; cos/sin [N, D/2] for each token's position; `lora` adds the
+        adapters of the rows that use one."""
+        cfg, layer = self.cfg, self.layer
         n = x.shape[0]
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        q = linear(h, self.q_w, self.q_b).view(n, cfg.num_attention_heads, cfg.head_dim)
-        k = linear(h, self.k_w, self.k_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
-        v = linear(h, self.v_w, self.v_b).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        q, k, v = (linear(h, self.q_w, self.q_b), linear(h, self.k_w, self.k_b),
+                   linear(h, self.v_w, self.v_b))  # [N, Hq*D], [N, Hkv*D] x2
+        if lora is not None:
+            for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                lora.add(layer, name, h, y)
+        q = q.view(n, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(n, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
-        o = attn(self.layer, q, k, v, self.sinks)  # [N, Hq, D]
-        x = x + linear(o.reshape(n, -1), self.o_w, self.o_b)
+        o = attn(layer, q, k, v, self.sinks).reshape(n, -1)  # [N, Hq*D]
+        out = linear(o, self.o_w, self.o_b)
+        if lora is not None:
+            lora.add(layer, "o_proj", o, out)
+        x = x + out
 
         h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps)
+        router = None if lora is None else (
+            lambda inp, logits: lora.add(layer, "router", inp, logits))
         return x + moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
                        self.w1_blocks, self.w1_scales, self.w1_bias,
                        self.w2_blocks, self.w2_scales, self.w2_bias,
-                       cfg.swiglu_limit, cfg.swiglu_alpha)
+                       cfg.swiglu_limit, cfg.swiglu_alpha, router)
 
 
 class GptOss(nn.Module):
@@ -153,13 +165,13 @@ class GptOss(nn.Module):
 
     @torch.inference_mode()
     def forward_flat(self, ids: torch.Tensor, positions: torch.Tensor,
-                     attn: AttentionBackend) -> torch.Tensor:
+                     attn: AttentionBackend, lora: LoraBatch | None = None) -> torch.Tensor:
         """ids [N], positions [N] (any mix of sequences; `attn` knows which is which)
-        -> final-normed hidden [N, H]."""
+        -> final-normed hidden [N, H]. `lora`: which rows use which LoRA adapter."""
         x = F.embedding(ids.to(self.device), self.embed)  # [N, H]
         cos, sin = self.rope.cos_sin(positions.to(self.device))  # [N, D/2]
         for block in self.blocks:
-            x = block(x, cos, sin, attn)
+            x = block(x, cos, sin, attn, lora)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()

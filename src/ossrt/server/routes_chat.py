@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, Literal
 
@@ -226,7 +226,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
                                response_format=answer.prompt_section())
     except ValueError as exc:
         raise invalid(str(exc), "messages") from exc
-    params = _chat_params(body, card.vocab_size)
+    params = replace(_chat_params(body, card.vocab_size), adapter=card.adapter)
     functions = [FunctionSpec(t.function.name, t.function.parameters, bool(t.function.strict),
                               f"tools[{i}].function.parameters")
                  for i, t in enumerate(body.tools or [])]

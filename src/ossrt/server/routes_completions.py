@@ -236,7 +236,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=logit_bias_of(body.logit_bias, card.vocab_size), seed=body.seed,
         max_tokens=body.max_tokens, n=body.n, logprobs=body.logprobs,
-        stop_token_ids=tok.stop_token_ids)
+        stop_token_ids=tok.stop_token_ids, adapter=card.adapter)
     stops = stops_of(body.stop)
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
     gens = [run_prompt(state, ids, params, stops, k * body.n, usage)

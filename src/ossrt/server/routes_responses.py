@@ -286,7 +286,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         raise invalid(str(exc), "input") from exc
     params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p,
-                            max_tokens=body.max_output_tokens, stop_token_ids=STOP_TOKEN_IDS)
+                            max_tokens=body.max_output_tokens, stop_token_ids=STOP_TOKEN_IDS,
+                            adapter=card.adapter)
     forced = choice.get("name") if isinstance(choice, dict) else choice
     constraint = await compile_constraint(
         turn_spec(answer, tools.specs, forced, params.max_tokens), answer, tools.specs)

@@ -39,12 +39,16 @@ class ModelCard:
     max_model_len: int = 131072
     vocab_size: int = 201088
     note: str | None = None  # e.g. that this is the tiny random preset
+    adapter: str | None = None  # the engine's LoRA adapter serving this id (None: base model)
+    parent: str | None = None  # for an adapter: the base model id
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "object": "model", "created": self.created,
                                "owned_by": self.owned_by, "max_model_len": self.max_model_len}
         if self.note:
             out["note"] = self.note
+        if self.parent:
+            out["parent"] = self.parent
         return out
 
 
@@ -65,6 +69,7 @@ class ServerState:
     # Serve a LoRA adapter folder under a new model id at once (`ossrt serve` sets it; None:
     # this app cannot load adapters). Blocking: call it through asyncio.to_thread.
     add_adapter: Callable[[str, str], None] | None = None
+    jobs: Any = None  # the fine-tuning JobRunner (create_app makes one given both dirs)
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:
