@@ -8,6 +8,10 @@ from . import auth as gateway
 from . import errors
 from .deadline import TimedEngine
 from .errors import not_found
+from .files import DEFAULT_MAX_FILE_BYTES, FileStore
+from .files import router as files_router
+from .finetune import JobRunner
+from .finetune import router as finetune_router
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, lifespan_for
 from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
@@ -29,21 +33,30 @@ UNSUPPORTED = {
 }
 
 
-def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> FastAPI:
     """The app; on shutdown it closes `state.engine` and `state.store` (when they have a
-    `close`). Request bodies over `max_body_bytes` get a 413 before they are parsed."""
+    `close`). Request bodies over `max_body_bytes` get a 413 before they are parsed (uploads to
+    /v1/files: files over `max_file_bytes`). With `state.data_dir` it keeps files; with
+    `state.model_dir` too it runs fine-tuning jobs (`state.jobs`, started with the app)."""
     app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss",
                   lifespan=lifespan_for(state))
     if state.request_timeout:  # every route's generations get the deadline
         state.engine = TimedEngine(state.engine, state.request_timeout)
     app.state.ossrt = state
+    app.state.files = FileStore(state.data_dir, max_file_bytes) if state.data_dir else None
+    if state.jobs is None and state.data_dir and state.model_dir:
+        state.jobs = JobRunner(state)
     errors.install(app)
     gateway.install(app, state)  # API keys, rate limits, /metrics, access log, x-request-id
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)  # outermost: before all reads
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes,  # outermost: before all reads
+                       path_limits={"/v1/files": max_file_bytes + (1 << 20)})  # + form overhead
     app.include_router(models_router)
     app.include_router(completions_router)
     app.include_router(chat_router)
     app.include_router(responses_router)
+    app.include_router(files_router)
+    app.include_router(finetune_router)
 
     @app.get("/health")
     async def health() -> dict:

@@ -4,17 +4,20 @@
 read included) ever holds more than `max_body_bytes` of one request: a declared
 `Content-Length` over the limit is refused at once, before any byte of the body is read; a
 chunked body is read up to the limit and refused as soon as it goes over. Either way the
-answer is a 413 in OpenAI's error shape, sent before any JSON parsing.
+answer is a 413 in OpenAI's error shape, sent before any JSON parsing. A path may have its own
+limit (`path_limits`, e.g. file uploads): such bodies are streamed through and counted, never
+buffered here, so a large upload is not held in memory.
 
-`lifespan` closes what the app was handed when the server stops: the engine client (its model
-thread) and the response store (the SQLite connection).
+`lifespan` starts the fine-tuning job runner (when the app has one) and closes what the app
+was handed when the server stops: the engine client (its model thread), the response store
+(the SQLite connection) and the job runner (its worker process).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,11 +41,20 @@ def too_large_body(limit: int) -> bytes:
 
 class BodyLimit:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 path_limits: Mapping[str, int] | None = None) -> None:
         self.app, self.limit = app, int(max_body_bytes)
+        # A path's own limit applies to it and to everything under it ("/v1/files/...").
+        self.path_limits = {p.rstrip("/"): int(n) for p, n in (path_limits or {}).items()}
 
-    async def _refuse(self, send: Send) -> None:
-        raw = too_large_body(self.limit)
+    def _limit_for(self, path: str) -> int | None:
+        for prefix, limit in self.path_limits.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return limit
+        return None
+
+    async def _refuse(self, send: Send, limit: int) -> None:
+        raw = too_large_body(limit)
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(raw)).encode()),
@@ -61,13 +73,17 @@ class BodyLimit:
                 except ValueError:
                     declared = None
                 break
-        if declared is not None and declared > self.limit:
-            await self._refuse(send)
+        own = self._limit_for(scope["path"])
+        limit = self.limit if own is None else own
+        if declared is not None and declared > limit:
+            await self._refuse(send, limit)
             return
-        if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            # Bounded by its declared length (the server enforces it) or bodiless by use:
-            # count anyway, so a lying client cannot stream past the limit.
-            await self.app(scope, self._counting(receive), send)
+        if (declared is not None or own is not None
+                or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")):
+            # Bounded by its declared length (the server enforces it), bodiless by use, or a
+            # path with its own limit (an upload: its route checks sizes): count anyway, so a
+            # lying client cannot stream past the limit.
+            await self.app(scope, self._counting(receive, limit), send)
             return
         # Chunked: read it all (at most the limit), then hand it on.
         chunks: list[bytes] = []
@@ -79,14 +95,14 @@ class BodyLimit:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(send)
+                await self._refuse(send, self.limit)
                 return
             chunks.append(chunk)
             if not msg.get("more_body"):
                 break
         await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _counting(self, receive: Receive, limit: int) -> Receive:
         seen = 0
 
         async def counted() -> Message:
@@ -94,7 +110,7 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:  # more than declared and allowed: treat as gone
+                if seen > limit:  # more than declared and allowed: treat as gone
                     return {"type": "http.disconnect"}
             return msg
         return counted
@@ -114,13 +130,17 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
 
 
 def lifespan_for(state: Any) -> Callable[[FastAPI], Any]:
-    """A FastAPI lifespan that closes the engine client and the response store on shutdown
-    (uvicorn runs it after it has stopped accepting and drained or cancelled open requests)."""
+    """A FastAPI lifespan that starts `state.jobs` (the fine-tuning runner, when set) and closes
+    the engine client, the response store and the runner on shutdown (uvicorn runs it after it
+    has stopped accepting and drained or cancelled open requests)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start = getattr(getattr(state, "jobs", None), "start", None)
+        if start is not None:
+            start()
         yield
-        for name in ("engine", "store"):
+        for name in ("jobs", "engine", "store"):
             close = getattr(getattr(state, name, None), "close", None)
             if close is None:
                 continue
