@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -18,6 +18,7 @@ from test_server_chat import ScriptedEngine
 
 from ossrt.harmony.tokenizer import get_tokenizer
 from ossrt.model import preset, write_checkpoint
+from ossrt.serve import ServeOptions, build_app
 from ossrt.server.app import create_app
 from ossrt.server.finetune import JobRunner
 from ossrt.server.state import ModelCard, ServerState
@@ -38,11 +39,14 @@ def _conversations() -> bytes:
 class Adapters:
     """The add_adapter hook: records what it was asked to serve, and what the folder held."""
 
-    def __init__(self) -> None:
+    def __init__(self, real: Callable[[str, str], None] | None = None) -> None:
         self.calls: list[tuple[str, str, set[str]]] = []
+        self.real = real
 
     def __call__(self, model_id: str, folder: str) -> None:
         self.calls.append((model_id, folder, {p.name for p in Path(folder).iterdir()}))
+        if self.real is not None:
+            self.real(model_id, folder)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +66,15 @@ def _app(data_dir: Path, checkpoint: Path, adapters: Adapters):  # noqa: ANN202 
 
 @pytest.fixture(scope="module")
 def served(live_server, checkpoint, tmp_path_factory) -> Iterator[tuple]:  # noqa: ANN001
-    adapters = Adapters()
-    app, state = _app(tmp_path_factory.mktemp("data"), checkpoint, adapters)
+    """`ossrt serve` for real (engine, add_adapter), with the hook recorded."""
+    app = build_app(ServeOptions(model=str(checkpoint), dtype="float32",
+                                 served_model_names=(BASE,), python_tool=False, browser=False,
+                                 data_dir=str(tmp_path_factory.mktemp("data"))))
+    state = app.state.ossrt
+    adapters = Adapters(state.add_adapter)
+    state.add_adapter = adapters
+    state.jobs.store.close()  # the default runner (not started): one with the test's config
+    state.jobs = JobRunner(state, config=CONFIG, threads=1, stop_grace_s=60)
     with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         yield client, state, adapters
@@ -109,6 +120,10 @@ def test_job_trains_and_serves_the_model(served) -> None:  # noqa: ANN001
     [(served_id, folder, names)] = adapters.calls
     assert served_id == name and Path(folder).name == job.id
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    answer = client.chat.completions.create(  # served at once, beside the base model
+        model=name, messages=[{"role": "user", "content": "Code word for apple?"}],
+        max_tokens=4, temperature=0)
+    assert answer.model == name and answer.usage.completion_tokens > 0
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=200))
     assert events[0].message == "The job has successfully completed"  # newest first

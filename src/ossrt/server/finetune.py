@@ -547,12 +547,10 @@ class JobRunner:
             return True
         base = next((c for c in self.state.models if c.id == job["model"]),
                     self.state.models[0] if self.state.models else ModelCard(id=job["model"]))
-        extra: dict[str, Any] = {}
-        if "adapter" in ModelCard.__dataclass_fields__:  # the engine routes by these
-            extra = {"adapter": model_id, "parent": job["model"]}
         self.state.models.append(ModelCard(
             id=model_id, max_model_len=base.max_model_len, vocab_size=base.vocab_size,
-            note=f"LoRA fine-tune of {job['model']} ({job['id']})", **extra))
+            note=f"LoRA fine-tune of {job['model']} ({job['id']})", adapter=model_id,
+            parent=job["model"]))
         return True
 
 
