@@ -73,6 +73,10 @@ def _now() -> int:
     return int(time.time())
 
 
+def _plain(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "event"}
+
+
 def _error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param}
 
@@ -505,15 +509,15 @@ class JobRunner:
             track["trained_tokens"] = ev.get("trained_tokens")
             extra = "".join(f", {ev[k]} {k}" for k in ("truncated", "dropped") if ev.get(k))
             add(job_id, f"Files validated: {ev['examples']} examples, {ev['tokens']} tokens "
-                f"({ev['trained_tokens']} trained){extra}.", data=ev)
+                f"({ev['trained_tokens']} trained){extra}.", data=_plain(ev))
         elif kind == "start":
             track["total_steps"] = ev.get("total_steps")
             if ev.get("resumed_from"):
                 add(job_id, f"Resumed from the checkpoint at step {ev['resumed_from']} of "
-                    f"{ev['total_steps']}.", data=ev)
+                    f"{ev['total_steps']}.", data=_plain(ev))
             else:
                 add(job_id, f"Training started: {ev['total_steps']} steps, "
-                    f"{ev['trainable_parameters']} trainable parameters.", data=ev)
+                    f"{ev['trainable_parameters']} trainable parameters.", data=_plain(ev))
         elif kind == "step":
             track["train_loss"] = ev["loss"]
             data = {"step": ev["step"], "train_loss": ev["loss"], "total_steps":
@@ -570,7 +574,7 @@ def check_jsonl(path: str | Path, max_problems: int = 10) -> list[tuple[int, str
                     break
                 if not line.strip():
                     continue
-                why = _line_problem(line)
+                why = _line_problem(line.rstrip("\r\n"))
                 if why:
                     problems.append((n, why))
                 else:
