@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", action="append", help="model id(s) to answer to")
-    srv.add_argument("--data-dir", default=None, help="where stored responses live")
+    srv.add_argument("--data-dir", default=None,
+                     help="where stored responses, files, fine-tuning jobs and keys live "
+                     "(default ~/.cache/ossrt/data)")
     srv.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     srv.add_argument("--kv-cache-gb", type=float, default=2.0)
     srv.add_argument("--max-num-seqs", type=int, default=16)
