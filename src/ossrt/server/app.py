@@ -6,6 +6,8 @@ from fastapi import FastAPI, Request
 
 from . import auth as gateway
 from . import errors
+from .batches import BatchRunner
+from .batches import router as batches_router
 from .deadline import TimedEngine
 from .errors import not_found
 from .files import DEFAULT_MAX_FILE_BYTES, FileStore
@@ -38,7 +40,8 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     """The app; on shutdown it closes `state.engine` and `state.store` (when they have a
     `close`). Request bodies over `max_body_bytes` get a 413 before they are parsed (uploads to
     /v1/files: files over `max_file_bytes`). With `state.data_dir` it keeps files; with
-    `state.model_dir` too it runs fine-tuning jobs (`state.jobs`, started with the app)."""
+    `state.model_dir` too it runs fine-tuning jobs (`state.jobs`, started with the app); with
+    a data dir it also runs batches (`state.batches`, the Batch API's runner)."""
     app = FastAPI(title="ossrt", description="OpenAI-compatible server for gpt-oss",
                   lifespan=lifespan_for(state))
     if state.request_timeout:  # every route's generations get the deadline
@@ -47,6 +50,8 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.state.files = FileStore(state.data_dir, max_file_bytes) if state.data_dir else None
     if state.jobs is None and state.data_dir and state.model_dir:
         state.jobs = JobRunner(state)
+    if state.batches is None and app.state.files is not None:
+        state.batches = BatchRunner(state, app, app.state.files)
     errors.install(app)
     gateway.install(app, state)  # API keys, rate limits, /metrics, access log, x-request-id
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes,  # outermost: before all reads
@@ -57,6 +62,7 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.include_router(responses_router)
     app.include_router(files_router)
     app.include_router(finetune_router)
+    app.include_router(batches_router)
 
     @app.get("/health")
     async def health() -> dict:

@@ -3,7 +3,9 @@
 One pure-ASGI middleware (`Gateway`) runs in front of every route, in this order:
 request id -> API key (every path but /health, and /metrics when it is public) -> rate limits
 (the generation endpoints) -> the route -> release + usage reconciliation -> metrics and one
-JSON log line on the `ossrt.access` logger.
+JSON log line on the `ossrt.access` logger. The batch runner's in-process calls carry the
+process's `state.internal_secret` in x-ossrt-internal: they skip the key and the rate limits
+and are booked to the batch's owner (key id and tier).
 
 Auth is on when a static key is configured (`--api-key`) or the key store holds a live key;
 with neither, every request is let through as the `anonymous` principal (and `ossrt serve`
@@ -47,6 +49,10 @@ PUBLIC_PATHS = frozenset({"/health"})
 # Rate-limited (requests, tokens, concurrency) POST endpoints: the ones that run the model.
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 KNOWN_PATHS = GENERATION_PATHS | {"/v1/models", "/metrics", "/health"}  # metric labels
+# The batch runner's in-process calls (see batches.py): the state's secret, and the owner.
+INTERNAL_HEADER = "x-ossrt-internal"
+OWNER_KEY_HEADER = "x-ossrt-batch-owner"
+OWNER_TIER_HEADER = "x-ossrt-batch-tier"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_USAGE_BODY = 1 << 22  # non-streamed bodies longer than this are not parsed for usage
 
@@ -207,7 +213,10 @@ class Gateway:
         needs_key = path not in PUBLIC_PATHS and not (path == "/metrics"
                                                       and self.state.metrics_public)
         principal = ANONYMOUS
-        if needs_key and self.state.auth is not None:
+        internal = self._internal(headers)
+        if internal is not None:  # the batch runner's own call: its batch's owner, no limits
+            principal = internal
+        elif needs_key and self.state.auth is not None:
             try:
                 principal = self.state.auth.check(headers.get("authorization"))
             except APIError as exc:
@@ -217,7 +226,7 @@ class Gateway:
         rec.tier, rec.key_id = principal.tier, principal.key_id
 
         limiter = self.state.rate_limits
-        limited = (limiter is not None and scope["method"] == "POST"
+        limited = (internal is None and limiter is not None and scope["method"] == "POST"
                    and path in GENERATION_PATHS and limiter.tier(principal.tier) is not None)
         charged = 0
         if limited:
@@ -301,6 +310,18 @@ class Gateway:
             await self.app(scope, receive, send_wrapped)
         finally:
             settle()  # also when the client went away or the app raised
+
+    def _internal(self, headers: dict[str, str]) -> Principal | None:
+        """The batch owner an in-process call of the batch runner acts for: only when it
+        carries this process's `state.internal_secret` exactly (compared in constant time);
+        any other value of the header is ignored (the request then needs a key as usual)."""
+        given = headers.get(INTERNAL_HEADER)
+        secret = getattr(self.state, "internal_secret", None)
+        if not given or not secret or not hmac.compare_digest(
+                given.encode("latin-1"), secret.encode("latin-1")):
+            return None
+        return Principal(headers.get(OWNER_KEY_HEADER) or ANONYMOUS.key_id,
+                         headers.get(OWNER_TIER_HEADER) or DEFAULT_TIER)
 
     def _count_tokens(self, text: str) -> int:
         return len(self.state.tokenizer.encode(text, allow_special=False))

@@ -8,9 +8,10 @@ answer is a 413 in OpenAI's error shape, sent before any JSON parsing. A path ma
 limit (`path_limits`, e.g. file uploads): such bodies are streamed through and counted, never
 buffered here, so a large upload is not held in memory.
 
-`lifespan` starts the fine-tuning job runner (when the app has one) and closes what the app
-was handed when the server stops: the engine client (its model thread), the response store
-(the SQLite connection) and the job runner (its worker process).
+`lifespan` starts the fine-tuning job runner and the batch runner (when the app has them) and
+closes them and what the app was handed when the server stops: the batch runner first (its
+asyncio task; unfinished batches resume at the next start), then the job runner (its worker
+process), the engine client (its model thread) and the response store (the SQLite connection).
 """
 
 from __future__ import annotations
@@ -130,16 +131,25 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
 
 
 def lifespan_for(state: Any) -> Callable[[FastAPI], Any]:
-    """A FastAPI lifespan that starts `state.jobs` (the fine-tuning runner, when set) and closes
-    the engine client, the response store and the runner on shutdown (uvicorn runs it after it
-    has stopped accepting and drained or cancelled open requests)."""
+    """A FastAPI lifespan that starts `state.jobs` (the fine-tuning runner, when set) and
+    `state.batches` (the batch runner), and closes them, the engine client and the response
+    store on shutdown (uvicorn runs it after it has stopped accepting and drained or cancelled
+    open requests)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         start = getattr(getattr(state, "jobs", None), "start", None)
         if start is not None:
             start()
+        batches = getattr(state, "batches", None)
+        if batches is not None:  # an asyncio task on this loop
+            await batches.astart()
         yield
+        if batches is not None:  # first: its lines in flight use the engine
+            try:
+                await batches.aclose()
+            except Exception:  # noqa: BLE001 - shut the rest down regardless
+                log.exception("closing the batch runner failed")
         for name in ("jobs", "engine", "store"):
             close = getattr(getattr(state, name, None), "close", None)
             if close is None:

@@ -5,6 +5,7 @@ The server never imports torch or the model: `ossrt serve` builds the engine and
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ class ServerState:
     # this app cannot load adapters). Blocking: call it through asyncio.to_thread.
     add_adapter: Callable[[str, str], None] | None = None
     jobs: Any = None  # the fine-tuning JobRunner (create_app makes one given both dirs)
+    batches: Any = None  # the BatchRunner (create_app makes one given a data dir)
+    # Per-process secret the batch runner's in-process calls carry (x-ossrt-internal): the
+    # gateway lets exactly these through without an API key or rate limits. Never sent out.
+    internal_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     def model(self, name: str | None, param: str = "model") -> ModelCard:
         for card in self.models:
