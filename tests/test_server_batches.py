@@ -19,6 +19,7 @@ from test_server_chat import ScriptedEngine, harmony
 from ossrt.harmony.tokenizer import RETURN, get_tokenizer
 from ossrt.server.app import create_app
 from ossrt.server.auth import Authenticator
+from ossrt.server.batches import BatchStore
 from ossrt.server.ratelimit import RateLimiter, Tier, estimate_cost
 from ossrt.server.state import ModelCard, ServerState
 
@@ -275,16 +276,25 @@ def test_restart_resumes_without_redoing(live_server, tmp_path) -> None:
         while c.batches.retrieve(b.id).request_counts.completed < 3 or first.started < 7:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        pending = upload(c, [line("v0"), line("v1")])
     with sqlite3.connect(Path(data) / "batches.sqlite3") as db:
         stored = {r[0] for r in db.execute("SELECT custom_id FROM results")}
     assert len(stored) == 3
+    # A batch the dead server left validating (as if it died mid-validation).
+    left = {**b.model_dump(), "id": "batch_leftvalidating", "input_file_id": pending,
+            "status": "validating", "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+    store = BatchStore(data)
+    store.create(left, "anonymous", "default")
+    store.close()
     second = GatedEngine()
     with live_server(make(second)) as url:
         c = client_for(url, "x")
         done = wait(c, b.id)
         assert done.status == "completed"
         out = jsonl(c, done.output_file_id)
+        revalidated = wait(c, left["id"])
+        assert revalidated.status == "completed" and revalidated.request_counts.completed == 2
     ids = [r["custom_id"] for r in out]
     assert sorted(ids) == sorted(f"r{i}" for i in range(8)) and len(set(ids)) == 8
-    assert second.started == 5  # only the lines without a stored result ran again
+    assert second.started == 5 + 2  # only the lines without a stored result ran again (+ v*)
     assert done.request_counts.completed == 8

@@ -38,7 +38,7 @@ class Tier:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrent_requests: int | None = None
-    batch_queue_limit: int | None = None  # stored for the batch API (not there yet)
+    batch_queue_limit: int | None = None  # enqueued tokens of unfinished batches (batches.py)
 
     def __post_init__(self) -> None:
         for f in LIMIT_FIELDS:
