@@ -19,6 +19,7 @@ from test_server_chat import ScriptedEngine, harmony
 from ossrt.harmony.tokenizer import RETURN, get_tokenizer
 from ossrt.server.app import create_app
 from ossrt.server.auth import Authenticator
+from ossrt.server import batches
 from ossrt.server.batches import BatchStore
 from ossrt.server.ratelimit import RateLimiter, Tier, estimate_cost
 from ossrt.server.state import ModelCard, ServerState
@@ -259,6 +260,30 @@ def test_cancel_keeps_finished_lines(served) -> None:
     assert len(out) == done.request_counts.completed == 4  # those in flight finished
     assert done.request_counts.total == 10
     assert c.batches.cancel(b.id).status == "cancelled"  # cancelling again changes nothing
+
+
+def test_expiry_reports_the_lines_not_run(served, monkeypatch) -> None:
+    url, state, engine = served
+    c = client_for(url, "k-free")
+    started = engine.started
+    engine.gate.clear()
+    try:
+        b = submit(c, [line(f"x{i}") for i in range(7)])
+        deadline = time.monotonic() + 10
+        while engine.started < started + 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        later = int(time.time()) + 24 * 3600 + 1
+        monkeypatch.setattr(batches, "_now", lambda: later)  # the 24h are over
+    finally:
+        engine.gate.set()
+    done = wait(c, b.id)
+    assert done.status == "expired" and done.expired_at
+    assert len(jsonl(c, done.output_file_id)) == done.request_counts.completed == 4
+    errs = jsonl(c, done.error_file_id)
+    assert [e["custom_id"] for e in errs] == ["x4", "x5", "x6"]
+    assert {e["error"]["code"] for e in errs} == {"batch_expired"}
+    assert done.expired_at == later
 
 
 def test_restart_resumes_without_redoing(live_server, tmp_path) -> None:

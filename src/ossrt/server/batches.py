@@ -473,24 +473,24 @@ class BatchRunner:
         expired)."""
         batch = self.store.get(batch_id)
         assert batch is not None
-        expired = batch["status"] == "in_progress" and _now() >= batch["expires_at"]
         cancelled = batch["status"] == "cancelling" or batch_id in self._cancelled
-        if batch["status"] in ("in_progress",) and not expired and not cancelled:
+        results = await asyncio.to_thread(self.store.results, batch_id)
+        not_run: list[dict[str, Any]] = []
+        if batch["status"] == "in_progress" and not cancelled and _now() >= batch["expires_at"]:
+            done = {json.loads(r)["custom_id"] for _, r in results}
+            not_run = [it for it in await self._items(batch) if it["custom_id"] not in done]
+        expired = bool(not_run)  # every line ran: completed, however late
+        if batch["status"] == "in_progress" and not expired and not cancelled:
             self.store.update(batch_id, ("in_progress",), status="finalizing",
                               finalizing_at=_now())
-        results = await asyncio.to_thread(self.store.results, batch_id)
         out = [res for ok, res in results if ok]
         err = [res for ok, res in results if not ok]
-        if expired:
-            items = await self._items(batch)
-            done = {json.loads(r)["custom_id"] for _, r in results}
-            for it in items:
-                if it["custom_id"] not in done:
-                    err.append(json.dumps({
-                        "id": "batch_req_" + secrets.token_hex(12),
-                        "custom_id": it["custom_id"], "response": None,
-                        "error": {"code": "batch_expired", "message": "This request could not "
-                                  "be executed before the completion window expired."}}))
+        if expired:  # the lines not run are in the error file
+            err += [json.dumps({
+                "id": "batch_req_" + secrets.token_hex(12), "custom_id": it["custom_id"],
+                "response": None, "error": {"code": "batch_expired", "message": (
+                    "This request could not be executed before the completion window "
+                    "expired.")}}) for it in not_run]
         out_id = await self._write(batch_id, "output", out)
         err_id = await self._write(batch_id, "error", err)
         now = _now()
