@@ -144,6 +144,22 @@ def test_batch_runs_to_completion(served) -> None:
         in metrics
 
 
+@pytest.mark.parametrize("endpoint, body, kind", [
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 20}, "response"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4}, "text_completion"),
+])
+def test_other_endpoints(served, endpoint, body, kind) -> None:
+    url, _, _ = served
+    c = client_for(url, "k-free")
+    lines = [{"custom_id": f"o{i}", "method": "POST", "url": endpoint,
+              "body": {"model": MODEL, **body}} for i in range(2)]
+    b = c.batches.create(input_file_id=upload(c, lines), endpoint=endpoint,
+                         completion_window="24h")
+    done = wait(c, b.id)
+    assert (done.status, done.request_counts.completed) == ("completed", 2), done.errors
+    assert [r["response"]["body"]["object"] for r in jsonl(c, done.output_file_id)] == [kind] * 2
+
+
 @pytest.mark.parametrize("lines, code, line_no", [
     ([line("a"), line("b", url="/v1/completions")], "mismatched_endpoint", 2),
     ([line("a"), line("b"), line("a")], "duplicate_custom_id", 3),
