@@ -84,3 +84,96 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next(tmp_path) 
                          timeout=300, env={**__import__("os").environ,
                                            "OSSRT_CACHE": str(tmp_path)})
     assert out.stdout.strip() == "True", out.stderr
+
+
+# ---- decode fast paths against the plain torch path (random inputs, odd shapes and tails) ----
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 33, 160), (2, 17, 96), (3, 40, 32),
+                                   (1, 7, 224)])
+def test_mxfp4_linear_bf16_matches_dequantized_matmul(m: int, n: int, k: int) -> None:
+    """bf16 activations: blocks decoded to bf16, fp32 accumulation, scale applied in fp32
+    (k/32 = 2, 5, 3, 1, 7 blocks: the 4-wide unrolled loop and its tail)."""
+    g = torch.Generator().manual_seed(m * 31 + n + k)
+    blocks = torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 140, (n, k // 32), dtype=torch.uint8, generator=g)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.double(), dequantize(blocks, scales, torch.float32)
+                                     .double(), bias.double())
+    got = kernels._load().mxfp4_linear_bf16(x, blocks, scales, bias)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert kernels.mxfp4_linear(x, blocks, scales, bias).dtype == torch.bfloat16
+
+
+def _moe_inputs(e: int, h: int, i: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    def packed(rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (e, rows, k // 32, 16), dtype=torch.uint8, generator=g),
+                torch.randint(118, 124, (e, rows, k // 32), dtype=torch.uint8, generator=g))
+    w1b, w1s = packed(2 * i, h)
+    w2b, w2s = packed(h, i)
+    return {"router_w": torch.randn(e, h, generator=g).bfloat16(),
+            "router_b": torch.randn(e, generator=g).bfloat16(),
+            "w1_blocks": w1b, "w1_scales": w1s,
+            "w1_bias": torch.randn(e, 2 * i, generator=g).bfloat16(),
+            "w2_blocks": w2b, "w2_scales": w2s,
+            "w2_bias": torch.randn(e, h, generator=g).bfloat16(),
+            "x": torch.randn(1, h, generator=g).bfloat16()}
+
+
+@pytest.mark.parametrize("e,h,i,k", [(8, 96, 64, 4), (5, 160, 96, 2), (4, 32, 32, 4)])
+def test_moe_single_token_native_matches_torch_path(monkeypatch, e, h, i, k) -> None:
+    """One token's MoE in one native call against the per-expert torch path (dequantize,
+    F.linear, SwiGLU, weighted sum), both in bf16."""
+    from ossrt.model import layers
+
+    w = _moe_inputs(e, h, i, seed=e * 100 + h + k)
+    args = (w["x"], w["router_w"], w["router_b"], k, w["w1_blocks"], w["w1_scales"],
+            w["w1_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"], 7.0, 1.702)
+    got = layers.moe(*args)
+    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)  # per-expert torch dequantize path
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    ref = layers.moe(*args)
+    assert got.shape == ref.shape == (1, h) and got.dtype == torch.bfloat16
+    err = (got.float() - ref.float()).abs().max().item()
+    assert err <= 0.02 * ref.float().abs().max().item(), err
+
+
+def test_moe_single_token_keeps_router_adjust(monkeypatch) -> None:
+    """router_adjust (LoRA on the router) still steers which experts the native path uses."""
+    from ossrt.model import layers
+
+    w = _moe_inputs(6, 64, 32, seed=5)
+    def run(adjust):
+        return layers.moe(w["x"], w["router_w"], w["router_b"], 2, w["w1_blocks"],
+                          w["w1_scales"], w["w1_bias"], w["w2_blocks"], w["w2_scales"],
+                          w["w2_bias"], 7.0, 1.702, adjust)
+    def force(inp, logits):  # experts 4 and 5 win whatever the router says
+        logits[:, 4:] += 1000.0
+    got, plain = run(force), run(None)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    ref = run(force)
+    assert not torch.equal(got, plain)
+    assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("hq,hkv,d,s", [(8, 2, 64, 37), (4, 4, 16, 1), (6, 3, 24, 130)])
+def test_attn_decode_matches_reference(hq, hkv, d, s) -> None:
+    """Decode attention read in place by slot against attend_reference on gathered keys
+    (slots scattered and unordered, as a block table makes them; D not a multiple of 16)."""
+    from ossrt.model.layers import attend_reference
+
+    g = torch.Generator().manual_seed(hq * d + s)
+    nslots = s + 50
+    kc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
+    vc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
+    slots = torch.randperm(nslots, generator=g)[:s]
+    q = torch.randn(hq, d, generator=g).bfloat16()
+    sinks = torch.randn(hq, generator=g).bfloat16()
+    scale = d ** -0.5
+    got = kernels.attn_decode(q, kc, vc, slots, sinks, scale)
+    ref = attend_reference(q[None, None].double(), kc[slots][None].double(),
+                           vc[slots][None].double(), sinks.double(), s - 1, 0, None, scale)[0, 0]
+    assert got.dtype == torch.bfloat16 and got.shape == (hq, d)
+    assert torch.allclose(got.double(), ref, atol=2e-2, rtol=1e-2)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import kernels
 from ..model.config import FULL, SLIDING, GptOssConfig
 from ..model.layers import attend
 from .kv_cache import BlockTable, KVCacheSpec
@@ -102,8 +103,13 @@ class PagedAttention:
         vc.index_copy_(0, slots, v.to(vc.dtype))
         out = torch.empty_like(q)
         scale = self.storage.cfg.head_dim ** -0.5
+        native = (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and q.dtype == kc.dtype
+                  and kc.is_contiguous() and kernels.available())
         for s in self.seqs:
             read = s.read_slots[group].to(kc.device)
+            if s.n == 1 and native:  # decode: every read key is visible; read the cache in place
+                out[s.row] = kernels.attn_decode(q[s.row], kc, vc, read, sinks, scale)
+                continue
             ks, vs = kc.index_select(0, read)[None], vc.index_select(0, read)[None]
             qs = q[None, s.row:s.row + s.n]  # [1, n, Hq, D]
             out[s.row:s.row + s.n] = attend(qs, ks, vs, sinks, s.start, s.k_lo[group],

@@ -177,6 +177,11 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         router_adjust(x, logits)
     top, idx = torch.topk(logits, top_k, dim=-1)  # [N, K]
     weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # [N, K]
+    if (n == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and kernels.available()):  # single-sequence decode: one native call, no loop
+        return kernels.moe_token(x[0], idx[0], weights[0], w1_blocks, w1_scales, w1_bias,
+                                 w2_blocks, w2_scales, w2_bias, limit, alpha
+                                 ).to(x.dtype).view(1, -1)
     flat = idx.flatten()  # [N*K]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w1_blocks.shape[0]).tolist()

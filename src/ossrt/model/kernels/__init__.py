@@ -58,10 +58,31 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype; blocks [N, K/32, 16], scales [N, K/32] uint8."""
     mod = _load()
+    if x.dtype == torch.bfloat16:  # decoded to bf16, fp32 accumulation (the model's path)
+        return mod.mxfp4_linear_bf16(x, blocks, scales, bias).to(x.dtype)
     y = mod.mxfp4_linear(x.float(), blocks, scales, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def moe_token(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+              w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+              w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+              limit: float, alpha: float) -> torch.Tensor:
+    """One token's MoE feed-forward in one native call: x [H] bf16, idx [K] expert ids,
+    weights [K] -> [H] float32 = sum_j weights[j] * expert_{idx[j]}(x) (SwiGLU between the
+    packed gate/up [E, 2I, H/32, 16] and down [E, H, I/32, 16] matrices)."""
+    return _load().moe_token(x, idx, weights, w1_blocks, w1_scales, w1_bias,
+                             w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ w [N, K] bf16 (+ bias) -> [M, N] float32, accumulated in fp32."""
     return _load().bf16_linear(x, w, bias)
+
+
+def attn_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+                sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token over cached keys read in place by slot: q [Hq, D]; kc, vc [slots, Hkv, D]
+    bf16; slots [S] (all visible) -> [Hq, D] bf16, softmax with each head's sink in the
+    denominator, computed in fp32."""
+    return _load().attn_decode(q, kc, vc, slots, sinks, float(scale))

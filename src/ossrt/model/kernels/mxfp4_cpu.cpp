@@ -142,7 +142,290 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
                                      : c10::nullopt);
 }
 
+// ---- bf16 activations: the decode path ---------------------------------------------------------
+// Same y = x W^T + bias for MXFP4 W, with x in bfloat16 (the model's compute dtype). Each 32-weight
+// block is decoded straight to bf16 (nibbles spread to 16-bit lanes, one vpermw through the E2M1
+// table), dotted with x by one vdpbf16ps (fp32 accumulation), then scaled by 2^(s-127) in fp32:
+// the E2M1 values are exact in bf16 and the scale never enters a bf16 number, so no rounding
+// beyond fp32 accumulation. With one row of x, four independent accumulators keep the FMA chain
+// off the critical path, so the loop runs near memory bandwidth.
+static float g_scale_of[256];
+static bool g_scale_init = [] {
+  for (int s = 0; s < 256; ++s) g_scale_of[s] = s == 255 ? NAN : std::ldexp(1.0f, s - 127);
+  return true;
+}();
+
+static inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kept NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define OSSRT_BF16_MXFP4 1
+static inline __m512i decode_block_bf16(const uint8_t* b16, __m512i lut) {
+  // dword k = byte k; word 2k = its low nibble, word 2k+1 its high nibble: weight order.
+  __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b16)));
+  __m512i nib = _mm512_ternarylogic_epi32(idx, _mm512_slli_epi32(idx, 12),
+                                          _mm512_set1_epi32(0x000F000F), 0xA8);  // (a|b)&c
+  return _mm512_permutexvar_epi16(nib, lut);
+}
+
+static inline __m512i e2m1_bf16_lut() {
+  alignas(64) static const uint16_t t[32] = {
+      0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+      0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm512_load_si512(t);
+}
+
+// One output row n of one matrix: brow [G, 16] packed, srow [G] scales, x [K] bf16 -> dot.
+static inline float row_dot1(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                             const uint16_t* x, __m512i lut) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    __m512 p0 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16, lut),
+                                 (__m512bh)_mm512_loadu_si512(x + g * 32));
+    __m512 p1 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 16, lut),
+                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 32));
+    __m512 p2 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 32, lut),
+                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 64));
+    __m512 p3 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 48, lut),
+                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 96));
+    a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(g_scale_of[srow[g]]), a0);
+    a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(g_scale_of[srow[g + 1]]), a1);
+    a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(g_scale_of[srow[g + 2]]), a2);
+    a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(g_scale_of[srow[g + 3]]), a3);
+  }
+  for (; g < G; ++g) {
+    __m512 p = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16, lut),
+                                (__m512bh)_mm512_loadu_si512(x + g * 32));
+    a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(g_scale_of[srow[g]]), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#endif
+
+// Scalar reference of the same contract (no AVX512-BF16): used as the fallback.
+static inline float row_dot1_scalar(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                                    const uint16_t* x) {
+  float acc = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float t = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const uint8_t b = brow[g * 16 + k];
+      t += kE2M1[b & 15] * bf16_to_f32(x[g * 32 + 2 * k]) +
+           kE2M1[b >> 4] * bf16_to_f32(x[g * 32 + 2 * k + 1]);
+    }
+    acc += t * g_scale_of[srow[g]];
+  }
+  return acc;
+}
+
+static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                            const uint16_t* x) {
+#if defined(OSSRT_BF16_MXFP4)
+  return row_dot1(brow, srow, G, x, e2m1_bf16_lut());
+#else
+  return row_dot1_scalar(brow, srow, G, x);
+#endif
+}
+
+static void check_packed(const torch::Tensor& blocks, const torch::Tensor& scales, int64_t K) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8,
+              "blocks and scales must be uint8");
+  TORCH_CHECK(blocks.size(-1) == 16 && blocks.size(-2) * 32 == K, "blocks must be [..., K/32, 16]");
+  TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous(), "blocks/scales must be contiguous");
+}
+
+// x [M, K] bf16, blocks [N, K/32, 16], scales [N, K/32], bias [N] (any float dtype) or none
+// -> [M, N] float32. Each block is decoded once per row of x (M is small here: decode).
+torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales,
+                                c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
+  TORCH_CHECK(blocks.dim() == 3 && scales.dim() == 2, "blocks [N, K/32, 16], scales [N, K/32]");
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0), G = blocks.size(1);
+  blocks = blocks.contiguous();
+  scales = scales.contiguous();
+  check_packed(blocks, scales, K);
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G, "scales must be [N, K/32]");
+  x = x.contiguous();
+  torch::Tensor b32;
+  const float* biasp = nullptr;
+  if (bias.has_value()) {
+    b32 = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b32.numel() == N, "bias must be [N]");
+    biasp = b32.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = row_dot(bp + n * G * 16, sp + n * G, G, xp + m * K) +
+                        (biasp ? biasp[n] : 0.f);
+  });
+  return y;
+}
+
+// The whole MoE feed-forward of one token: sum_j w[j] * (W2_e swiglu(W1_e x + b1_e) + b2_e),
+// e = idx[j], straight from the packed experts, in two parallel passes (all K gate/up rows, then
+// all H output rows, each summing its K experts). x [H] bf16; idx [K] int64; w [K] float32;
+// w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32], w1_bias [E, 2I];
+// w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], w2_bias [E, H] -> [H] float32.
+// The SwiGLU input is rounded to bf16 (as the torch path does), the rest stays fp32.
+torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
+                        torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
+                        torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
+                        double limit, double alpha) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x must be bfloat16");
+  x = x.contiguous().view({-1});
+  idx = idx.to(torch::kInt64).contiguous().view({-1});
+  w = w.to(torch::kFloat32).contiguous().view({-1});
+  const int64_t H = x.numel(), K = idx.numel(), E = w1_blocks.size(0);
+  const int64_t I2 = w1_blocks.size(1), I = I2 / 2, G1 = w1_blocks.size(2), G2 = w2_blocks.size(2);
+  TORCH_CHECK(w1_blocks.dim() == 4 && w2_blocks.dim() == 4 && w.numel() == K, "bad shapes");
+  TORCH_CHECK(w2_blocks.size(0) == E && w2_blocks.size(1) == H && G2 * 32 == I && I2 % 2 == 0,
+              "w2 must be [E, H, I/32, 16]");
+  check_packed(w1_blocks, w1_scales, H);
+  check_packed(w2_blocks, w2_scales, I);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < K; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < E, "expert index out of range");
+  auto b1 = w1_bias.index_select(0, idx).to(torch::kFloat32).contiguous();  // [K, 2I]
+  auto b2 = w2_bias.index_select(0, idx).to(torch::kFloat32).contiguous();  // [K, H]
+  auto h = torch::empty({K, I2}, x.options().dtype(torch::kFloat32));
+  auto act = torch::empty({K, I}, x.options());
+  auto out = torch::empty({H}, x.options().dtype(torch::kFloat32));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* wp = w.data_ptr<float>();
+  const float* b1p = b1.data_ptr<float>();
+  const float* b2p = b2.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  uint16_t* ap = reinterpret_cast<uint16_t*>(act.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  const uint8_t* bp1 = w1_blocks.data_ptr<uint8_t>();
+  const uint8_t* sp1 = w1_scales.data_ptr<uint8_t>();
+  const uint8_t* bp2 = w2_blocks.data_ptr<uint8_t>();
+  const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
+  at::parallel_for(0, K * I2, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e = ip[r / I2], n = e * I2 + r % I2;
+      hp[r] = row_dot(bp1 + n * G1 * 16, sp1 + n * G1, G1, xp) + b1p[r];
+    }
+  });
+  const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
+  for (int64_t j = 0; j < K * I; ++j) {  // interleaved: even = gate, odd = linear
+    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
+    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
+    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
+  }
+  at::parallel_for(0, H, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = ip[j] * H + n;
+        acc += wp[j] * (row_dot(bp2 + row * G2 * 16, sp2 + row * G2, G2, ap + j * I) +
+                        b2p[j * H + n]);
+      }
+      op[n] = acc;
+    }
+  });
+  return out;
+}
+
+// ---- decode attention over a paged cache ---------------------------------------------------------
+// One query token per sequence attending over keys gathered by slot (no copy of the cache):
+// q [Hq, D] bf16; kc, vc [slots, Hkv, D] bf16; slots [S] int64 (all visible); sinks [Hq];
+// out [Hq, D] bf16 = softmax([q k_s * scale]_s, sink) v, the sink only in the denominator.
+// Scores, softmax and the weighted sum stay in fp32. Parallel over query heads.
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                          torch::Tensor sinks, double scale) {
+  TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes(), "q [Hq, D], kc/vc [slots, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && kc.scalar_type() == torch::kBFloat16 &&
+              vc.scalar_type() == torch::kBFloat16, "q, k, v must be bfloat16");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "the cache must be contiguous");
+  const int64_t Hq = q.size(0), D = q.size(1), Hkv = kc.size(1), nslots = kc.size(0);
+  TORCH_CHECK(kc.size(2) == D && Hq % Hkv == 0, "head shapes");
+  q = q.contiguous();
+  slots = slots.to(torch::kInt64).contiguous();
+  auto sk = sinks.to(torch::kFloat32).contiguous();
+  const int64_t S = slots.numel(), G = Hq / Hkv;
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; ++i) TORCH_CHECK(sl[i] >= 0 && sl[i] < nslots, "slot out of range");
+  auto out = torch::empty({Hq, D}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float* skp = sk.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S), qf(D), acc(D);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t kvh = h / G;
+      for (int64_t d = 0; d < D; ++d) qf[d] = bf16_to_f32(qp[h * D + d]);
+      float m = skp[h];
+      for (int64_t i = 0; i < S; ++i) {
+        const uint16_t* kr = kp + (sl[i] * Hkv + kvh) * D;
+        float t = 0.f;
+        int64_t d = 0;
+#if defined(__AVX512F__)
+        __m512 a = _mm512_setzero_ps();
+        for (; d + 16 <= D; d += 16)
+          a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + d), load_bf16x16(kr + d), a);
+        t = _mm512_reduce_add_ps(a);
+#endif
+        for (; d < D; ++d) t += qf[d] * bf16_to_f32(kr[d]);
+        p[i] = t * sc;
+        m = std::max(m, p[i]);
+      }
+      float denom = std::exp(skp[h] - m);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < S; ++i) {
+        const float e = std::exp(p[i] - m);
+        denom += e;
+        const uint16_t* vr = vp + (sl[i] * Hkv + kvh) * D;
+        int64_t d = 0;
+#if defined(__AVX512F__)
+        const __m512 ev = _mm512_set1_ps(e);
+        for (; d + 16 <= D; d += 16)
+          _mm512_storeu_ps(acc.data() + d,
+                           _mm512_fmadd_ps(ev, load_bf16x16(vr + d), _mm512_loadu_ps(acc.data() + d)));
+#endif
+        for (; d < D; ++d) acc[d] += e * bf16_to_f32(vr[d]);
+      }
+      const float inv = 1.f / denom;
+      for (int64_t d = 0; d < D; ++d) op[h * D + d] = f32_to_bf16(acc[d] * inv);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "MXFP4 linear layer (CPU)");
   m.def("bf16_linear", &bf16_linear, "bf16 linear layer for few rows (CPU)");
+  m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");
+  m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)");
+  m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
 }
