@@ -177,3 +177,21 @@ def test_attn_decode_matches_reference(hq, hkv, d, s) -> None:
                            vc[slots][None].double(), sinks.double(), s - 1, 0, None, scale)[0, 0]
     assert got.dtype == torch.bfloat16 and got.shape == (hq, d)
     assert torch.allclose(got.double(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_mxfp4_linear_bf16_four_block_steps_and_scale_edges() -> None:
+    """K = 256: two whole 4-block steps, no tail; scale bytes 0 (2^-127) and 255 (NaN) go
+    through the per-lane scale vector like any other."""
+    g = torch.Generator().manual_seed(11)
+    blocks = torch.randint(0, 256, (5, 8, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 134, (5, 8), dtype=torch.uint8, generator=g)
+    scales[1] = 0
+    scales[2, 5] = 255
+    x = torch.randn(1, 256, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.double(), dequantize(blocks, scales, torch.float32)
+                                     .double())
+    got = kernels._load().mxfp4_linear_bf16(x, blocks, scales, None).double()
+    assert torch.isnan(got[0, 2]) and torch.isnan(ref[0, 2])
+    keep = [0, 1, 3, 4]
+    assert torch.allclose(got[:, keep], ref[:, keep], rtol=1e-5, atol=1e-5 * ref[:, keep].abs().max())
+    assert got[0, 1] != 0 and torch.allclose(got[:, 1], ref[:, 1], rtol=1e-5, atol=0)

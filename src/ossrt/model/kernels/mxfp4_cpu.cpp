@@ -143,12 +143,12 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 }
 
 // ---- bf16 activations: the decode path ---------------------------------------------------------
-// Same y = x W^T + bias for MXFP4 W, with x in bfloat16 (the model's compute dtype). Each 32-weight
-// block is decoded straight to bf16 (nibbles spread to 16-bit lanes, one vpermw through the E2M1
-// table), dotted with x by one vdpbf16ps (fp32 accumulation), then scaled by 2^(s-127) in fp32:
-// the E2M1 values are exact in bf16 and the scale never enters a bf16 number, so no rounding
-// beyond fp32 accumulation. With one row of x, four independent accumulators keep the FMA chain
-// off the critical path, so the loop runs near memory bandwidth.
+// Same y = x W^T + bias for MXFP4 W, with x in bfloat16 (the model's compute dtype). Blocks are
+// decoded straight to bf16 (one vpermw through the E2M1 table per 32 weights), dotted with x by
+// vdpbf16ps (fp32 accumulation), then scaled by 2^(s-127) in fp32: the E2M1 values are exact in
+// bf16 and the scale never enters a bf16 number, so there is no rounding beyond fp32
+// accumulation. Each dot-product chain starts from zero per step of 4 blocks, so the FMA
+// latency stays off the critical path.
 static float g_scale_of[256];
 static bool g_scale_init = [] {
   for (int s = 0; s < 256; ++s) g_scale_of[s] = s == 255 ? NAN : std::ldexp(1.0f, s - 127);
@@ -184,36 +184,64 @@ static inline __m512i e2m1_bf16_lut() {
   alignas(64) static const uint16_t t[32] = {
       0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+      0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,  // repeated: index bit 4
+      0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0}; // is ignored
   return _mm512_load_si512(t);
 }
 
-// One output row n of one matrix: brow [G, 16] packed, srow [G] scales, x [K] bf16 -> dot.
-static inline float row_dot1(const uint8_t* brow, const uint8_t* srow, int64_t G,
-                             const uint16_t* x, __m512i lut) {
+// Four blocks (64 packed bytes) per step, with no byte shuffles: read as 32 16-bit words, word w
+// holds nibbles 4w..4w+3 of the row in its bits 0-3, 4-7, 8-11, 12-15. Shifting by 0, 4, 8, 12
+// and one vpermw each (the table repeats after 16 entries, so the bits above the nibble do not
+// matter) gives four vectors of 32 bf16 weights; vector t, word w is weight 4w + t. Word w lies
+// in block w/8, so 128-bit lane L of every vector belongs to block L, and one vector of four
+// scales (one per lane) scales the sum of the four dot products.
+// x must be given permuted to match (`permute_x4`): per 4 blocks, x'[32 t + w] = x[4 w + t].
+// Blocks past the last multiple of 4 use `decode_block_bf16`.
+static inline void permute_x4(const uint16_t* x, int64_t G, uint16_t* out) {
+  for (int64_t c = 0; c < G / 4; ++c)
+    for (int t = 0; t < 4; ++t)
+      for (int w = 0; w < 32; ++w) out[c * 128 + t * 32 + w] = x[c * 128 + 4 * w + t];
+}
+
+static inline __m512 scales4(const uint8_t* s) {  // 2^(s-127) per lane; s=0: 2^-127, 255: NaN
+  int32_t raw;
+  std::memcpy(&raw, s, 4);
+  const __m128i e = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(raw));
+  __m128 f = _mm_castsi128_ps(_mm_slli_epi32(e, 23));
+  f = _mm_mask_blend_ps(_mm_cmpeq_epi32_mask(e, _mm_setzero_si128()), f,
+                        _mm_set1_ps(g_scale_of[0]));
+  f = _mm_mask_blend_ps(_mm_cmpeq_epi32_mask(e, _mm_set1_epi32(255)), f, _mm_set1_ps(NAN));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(f));
+}
+
+static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                             const uint16_t* x, const uint16_t* xperm, __m512i lut) {
   const __m512 zero = _mm512_setzero_ps();
-  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4) {
-    __m512 p0 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16, lut),
-                                 (__m512bh)_mm512_loadu_si512(x + g * 32));
-    __m512 p1 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 16, lut),
-                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 32));
-    __m512 p2 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 32, lut),
-                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 64));
-    __m512 p3 = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16 + 48, lut),
-                                 (__m512bh)_mm512_loadu_si512(x + g * 32 + 96));
-    a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(g_scale_of[srow[g]]), a0);
-    a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(g_scale_of[srow[g + 1]]), a1);
-    a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(g_scale_of[srow[g + 2]]), a2);
-    a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(g_scale_of[srow[g + 3]]), a3);
+  __m512 a0 = zero, a1 = zero;
+  const int64_t C = G / 4;
+  for (int64_t c = 0; c < C; ++c) {
+    const __m512i v = _mm512_loadu_si512(brow + c * 64);
+    const uint16_t* xc = xperm + c * 128;
+    __m512 pa = _mm512_dpbf16_ps(zero, (__m512bh)_mm512_permutexvar_epi16(v, lut),
+                                 (__m512bh)_mm512_loadu_si512(xc));
+    __m512 pb = _mm512_dpbf16_ps(
+        zero, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut),
+        (__m512bh)_mm512_loadu_si512(xc + 32));
+    pa = _mm512_dpbf16_ps(pa, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut),
+                          (__m512bh)_mm512_loadu_si512(xc + 64));
+    pb = _mm512_dpbf16_ps(pb, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut),
+                          (__m512bh)_mm512_loadu_si512(xc + 96));
+    const __m512 sv = scales4(srow + 4 * c);
+    if (c & 1) a1 = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a1);
+    else a0 = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a0);
   }
-  for (; g < G; ++g) {
+  for (int64_t g = 4 * C; g < G; ++g) {
     __m512 p = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16, lut),
                                 (__m512bh)_mm512_loadu_si512(x + g * 32));
     a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(g_scale_of[srow[g]]), a0);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 #endif
 
@@ -234,10 +262,11 @@ static inline float row_dot1_scalar(const uint8_t* brow, const uint8_t* srow, in
 }
 
 static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
-                            const uint16_t* x) {
+                            const uint16_t* x, const uint16_t* xperm) {
 #if defined(OSSRT_BF16_MXFP4)
-  return row_dot1(brow, srow, G, x, e2m1_bf16_lut());
+  return row_dot4(brow, srow, G, x, xperm, e2m1_bf16_lut());
 #else
+  (void)xperm;
   return row_dot1_scalar(brow, srow, G, x);
 #endif
 }
@@ -273,11 +302,13 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
+  std::vector<uint16_t> xperm(M * K);
+  for (int64_t m = 0; m < M; ++m) permute_x4(xp + m * K, G, xperm.data() + m * K);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; ++m)
-        yp[m * N + n] = row_dot(bp + n * G * 16, sp + n * G, G, xp + m * K) +
-                        (biasp ? biasp[n] : 0.f);
+        yp[m * N + n] = row_dot(bp + n * G * 16, sp + n * G, G, xp + m * K,
+                                xperm.data() + m * K) + (biasp ? biasp[n] : 0.f);
   });
   return y;
 }
@@ -321,10 +352,12 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   const uint8_t* sp1 = w1_scales.data_ptr<uint8_t>();
   const uint8_t* bp2 = w2_blocks.data_ptr<uint8_t>();
   const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
+  std::vector<uint16_t> xperm(H), aperm(K * I);
+  permute_x4(xp, G1, xperm.data());
   at::parallel_for(0, K * I2, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t e = ip[r / I2], n = e * I2 + r % I2;
-      hp[r] = row_dot(bp1 + n * G1 * 16, sp1 + n * G1, G1, xp) + b1p[r];
+      hp[r] = row_dot(bp1 + n * G1 * 16, sp1 + n * G1, G1, xp, xperm.data()) + b1p[r];
     }
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
@@ -333,12 +366,14 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
     const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
     ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
   }
+  for (int64_t j = 0; j < K; ++j) permute_x4(ap + j * I, G2, aperm.data() + j * I);
   at::parallel_for(0, H, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float acc = 0.f;
       for (int64_t j = 0; j < K; ++j) {
         const int64_t row = ip[j] * H + n;
-        acc += wp[j] * (row_dot(bp2 + row * G2 * 16, sp2 + row * G2, G2, ap + j * I) +
+        acc += wp[j] * (row_dot(bp2 + row * G2 * 16, sp2 + row * G2, G2, ap + j * I,
+                                aperm.data() + j * I) +
                         b2p[j * H + n]);
       }
       op[n] = acc;
