@@ -32,10 +32,7 @@ import json
 import logging
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +45,7 @@ from .errors import APIError, invalid, not_found
 from .files import NO_DATA_DIR, FileStore
 from .metrics import current_request
 from .ratelimit import estimate_cost
+from .sqlite_db import SQLiteDB
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -88,38 +86,11 @@ def _problem(code: str, message: str, line: int | None = None,
 # ---------------------------------------------------------------- store
 
 
-class BatchStore:
+class BatchStore(SQLiteDB):
     """Batches and their per-line results; thread-safe (one connection under a lock)."""
 
     def __init__(self, data_dir: str | Path) -> None:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(data_dir) / DB_NAME
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                   isolation_level=None, timeout=30)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        super().__init__(data_dir, DB_NAME, _SCHEMA)
 
     def create(self, batch: dict[str, Any], key_id: str, tier: str) -> None:
         with self._tx() as db:

@@ -28,11 +28,9 @@ import os
 import queue
 import re
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError, invalid, not_found
 from .files import NO_DATA_DIR, file_store
+from .sqlite_db import SQLiteDB
 from .state import ModelCard, ServerState
 
 log = logging.getLogger(__name__)
@@ -84,38 +83,11 @@ def _error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------- store
 
 
-class JobStore:
+class JobStore(SQLiteDB):
     """Jobs (their API objects, status and attempts), events and checkpoints; thread-safe."""
 
     def __init__(self, data_dir: str | Path) -> None:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(data_dir) / DB_NAME
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                   isolation_level=None, timeout=30)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        super().__init__(data_dir, DB_NAME, _SCHEMA)
 
     def create(self, job: dict[str, Any], config: dict[str, Any]) -> None:
         with self._tx() as db:
