@@ -181,3 +181,35 @@ def test_python_off_without_sandbox_says_why(tmp_path) -> None:
         tools, banner = configure_builtins(tmp_path, browser=False)
     assert tools.python is None and "no bwrap here" in tools.python_off
     assert "--unsafe-python" in tools.python_off and "code_interpreter off" in banner
+
+
+@needs_sandbox
+def test_tool_state_lives_as_long_as_the_response_chain(live_server, tmp_path) -> None:
+    """Stateful python: a file written in one response is there in a chained one (same
+    conversation), and not in an unrelated response."""
+    engine = ScriptedEngine()
+    tools, _ = configure_builtins(tmp_path, browser=False, python_stateful=True)
+    state = ServerState(engine=engine, tokenizer=get_tokenizer(), models=[ModelCard(id=MODEL)],
+                        store=ResponseStore(tmp_path), builtin_tools=tools)
+
+    def call(code: str) -> list[int]:
+        return harmony(f"<|channel|>analysis to=python code<|message|>{code}", CALL)
+
+    write = "open('/mnt/data/note.txt', 'w').write('kept')"
+    read = "print(open('/mnt/data/note.txt').read())"
+    with live_server(create_app(state)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        engine.scripts += [call(write), harmony(ANSWER, RETURN)]
+        first = client.responses.create(model=MODEL, input="a", tools=PYTHON_TOOL)
+        engine.scripts += [call(read), harmony(ANSWER, RETURN)]
+        second = client.responses.create(model=MODEL, input="b", tools=PYTHON_TOOL,
+                                         previous_response_id=first.id)
+        engine.scripts += [call(read), harmony(ANSWER, RETURN)]
+        third = client.responses.create(model=MODEL, input="c", tools=PYTHON_TOOL,
+                                        previous_response_id=second.id)
+        engine.scripts += [call(read), harmony(ANSWER, RETURN)]
+        other = client.responses.create(model=MODEL, input="d", tools=PYTHON_TOOL)
+    logs = [[o for o in r.output if o.type == "code_interpreter_call"][0].outputs[0].logs
+            for r in (second, third, other)]
+    assert logs[0].strip() == "kept" and logs[1].strip() == "kept"
+    assert "FileNotFoundError" in logs[2]

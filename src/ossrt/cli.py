@@ -125,7 +125,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        request_timeout=args.request_timeout,
                        browser=not args.no_browser, browser_corpus=args.browser_corpus,
                        searxng=args.searxng, python_tool=not args.no_python,
-                       unsafe_python=args.unsafe_python, max_tool_calls=args.max_tool_calls,
+                       unsafe_python=args.unsafe_python,
+                       python_stateful=args.python_stateful, max_tool_calls=args.max_tool_calls,
                        loras=tuple(_lora_arg(a) for a in args.lora or ())))
     return 0
 
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_argument("--no-python", action="store_true", help="switch the python tool off")
     tools.add_argument("--unsafe-python", action="store_true",
                        help="where bubblewrap cannot run, run python WITHOUT a sandbox")
+    tools.add_argument("--python-stateful", action="store_true",
+                       help="keep the python tool's files (/mnt/data) across the calls and "
+                       "turns of one conversation (a previous_response_id chain)")
     tools.add_argument("--max-tool-calls", type=int, default=8,
                        help="built-in tool calls per response")
     srv.set_defaults(func=_cmd_serve)

@@ -37,6 +37,7 @@ class ServeOptions:
     searxng: str | None = None  # search the web through this SearXNG instance instead
     python_tool: bool = True  # the built-in python tool (code_interpreter), sandboxed
     unsafe_python: bool = False  # run python without a sandbox where bubblewrap cannot run
+    python_stateful: bool = False  # keep python's /mnt/data per conversation (response chain)
     max_tool_calls: int = 8  # built-in tool calls per response
     loras: tuple[tuple[str, str], ...] = ()  # (NAME, adapter folder): served as BASE:NAME
 
@@ -106,6 +107,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     builtins, tools_banner = configure_builtins(
         data_dir, browser=opts.browser, corpus=opts.browser_corpus, searxng=opts.searxng,
         python=opts.python_tool, unsafe_python=opts.unsafe_python,
+        python_stateful=opts.python_stateful,
         max_calls=opts.max_tool_calls)
     print(f"ossrt: {tools_banner}", file=sys.stderr)
     state = ServerState(engine=front, tokenizer=get_tokenizer(), models=cards,

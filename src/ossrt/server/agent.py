@@ -77,8 +77,8 @@ def builtin_of(tool: dict[str, Any], index: int, tools: BuiltinTools | None) -> 
 
 def configure_builtins(data_dir: Path, *, browser: bool = True, corpus: str | None = None,
                        searxng: str | None = None, python: bool = True,
-                       unsafe_python: bool = False, max_calls: int = DEFAULT_MAX_CALLS,
-                       ) -> tuple[BuiltinTools, str]:
+                       unsafe_python: bool = False, python_stateful: bool = False,
+                       max_calls: int = DEFAULT_MAX_CALLS) -> tuple[BuiltinTools, str]:
     """The server's built-in tools and a one-line banner saying what is on and why not.
 
     Browser: `searxng` (web search through a SearXNG instance) if given, else the local corpus
@@ -101,7 +101,7 @@ def configure_builtins(data_dir: Path, *, browser: bool = True, corpus: str | No
     else:
         tools.browser_off = "web search is switched off on this server (--no-browser)"
     if python:
-        config = PythonSandboxConfig(unsafe=unsafe_python)
+        config = PythonSandboxConfig(unsafe=unsafe_python, stateful=python_stateful)
         ok, reason = sandbox_available(config)
         if ok or unsafe_python:
             tools.python = PythonTool(config)

@@ -268,12 +268,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     builtins = frozenset() if choice == "none" else frozenset(tools.builtins)
     input_items = normalize_input(body.input)
     history: list[dict[str, Any]] = []
+    conversation: str | None = None  # tool state (browser pages, python files) is kept per chain
     if body.previous_response_id:
         chain = await asyncio.to_thread(store.chain, body.previous_response_id)
         if chain is None:
             raise not_found(f"Previous response with id '{body.previous_response_id}' not found.",
                             "previous_response_id", code="previous_response_not_found")
         history = chain
+        conversation = await asyncio.to_thread(store.conversation_of, body.previous_response_id)
     convo = items_to_conversation(history + input_items)
     try:
         prompt = render_prompt(convo, reasoning_effort=effort,
@@ -329,7 +331,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
 
     round_usage = dict(usage)
     gen, first = await start(prompt, params, round_usage)
-    builder = OutputBuilder(builtins, builtin.annotator(rid) if builtin and builtins else None)
+    conversation = conversation or rid
+    builder = OutputBuilder(builtins,
+                            builtin.annotator(conversation) if builtin and builtins else None)
 
     async def produce() -> AsyncIterator[dict[str, Any]]:
         nonlocal gen, first, round_usage
@@ -375,7 +379,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
                 calls += 1
                 for out in builder.begin_builtin():
                     yield out
-                result = await builtin.run(recipient, arguments, rid)  # type: ignore[union-attr]
+                result = await builtin.run(  # type: ignore[union-attr]
+                    recipient, arguments, conversation)
                 record_tool_call("python" if recipient == "python" else "browser", result.ok)
                 text = result.text
                 for out in builder.finish_builtin(
@@ -398,7 +403,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
             "output_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
         if body.store:
-            await asyncio.to_thread(store.put, response, input_items, builder.transcript)
+            await asyncio.to_thread(store.put, response, input_items, builder.transcript,
+                                    conversation)
 
     if not body.stream:
         try:

@@ -62,11 +62,17 @@ class ResponseStore:
             self._db.close()
 
     def put(self, response: dict[str, Any], input_items: list[dict[str, Any]],
-            transcript: dict[str, dict[str, str]] | None = None) -> None:
+            transcript: dict[str, dict[str, str]] | None = None,
+            conversation: str | None = None) -> None:
         """`transcript`: for each built-in tool call item id, what the model wrote and read
-        (recipient, channel, arguments, output), kept so a chain replays it exactly; stored
-        under the response's private `_tool_transcript` key."""
-        stored = {**response, "_tool_transcript": transcript} if transcript else response
+        (recipient, channel, arguments, output), kept so a chain replays it exactly;
+        `conversation`: the id its chain's tool state lives under. Both are stored under
+        private keys (`_tool_transcript`, `_conversation`) that the API never shows."""
+        stored = dict(response)
+        if transcript:
+            stored["_tool_transcript"] = transcript
+        if conversation and conversation != response["id"]:
+            stored["_conversation"] = conversation
         row = (response["id"], float(response["created_at"]), str(response["model"]),
                json.dumps(stored), json.dumps(input_items),
                response.get("previous_response_id"))
@@ -87,6 +93,13 @@ class ResponseStore:
         if row is None:
             return None
         return StoredResponse(row[0], json.loads(row[1]), json.loads(row[2]), row[3])
+
+    def conversation_of(self, response_id: str) -> str:
+        """The id a chain's tool state lives under: its first response's id."""
+        stored = self.get(response_id)
+        if stored is None:
+            return response_id
+        return stored.response.get("_conversation") or response_id
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
