@@ -109,3 +109,20 @@ def test_unsupported_keywords_are_named() -> None:
     assert err.value.keyword == "uniqueItems"
     with pytest.raises(GrammarError):
         compile_turn(TurnSpec(json_answer=True, answer_schema={"type": "strin"}))
+
+
+def test_builtin_tool_calls_stay_possible_under_a_json_answer() -> None:
+    """With the server's built-in tools on, a constrained turn may still call python or the
+    browser (free-form, the server runs them); function calls it was not given stay out."""
+    spec = TurnSpec(json_answer=True, answer_schema=SCHEMA, builtins=("browser", "python"))
+    for call in ["analysis to=python code", "analysis to=browser.search code"]:
+        p = GrammarMaskProvider(compile_turn(spec))
+        feed(p, [CHANNEL, *enc(call), MESSAGE, *enc('print({"a": 1})\n'), CALL])
+    p = GrammarMaskProvider(compile_turn(spec))
+    feed(p, [CHANNEL])
+    assert not allowed(p)[enc("commentary")[0]]  # no function call was offered
+    plain = GrammarMaskProvider(compile_turn(TurnSpec(json_answer=True, answer_schema=SCHEMA)))
+    feed(plain, [CHANNEL, *enc("analysis")])
+    assert not allowed(plain)[enc(" to")[0]]  # without builtins: analysis is reasoning only
+    with pytest.raises(ValueError):
+        TurnSpec(builtins=("shell",))

@@ -6,6 +6,8 @@ The grammar covers everything the model writes after the prompt's `<|start|>assi
     then one of
       <|channel|>final<|message|> ANSWER <|return|>          ANSWER: JSON for the schema, or text
       <|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGS <|call|>
+      <|channel|>analysis to=python code<|message|> CODE <|call|>       (built-in tools, when on:
+      <|channel|>analysis to=browser.FN code<|message|> ARGS <|call|>    free text; they run them)
 
 The reasoning is never constrained beyond its length: it is any text (special tokens are never
 text) of at most `reasoning_budget` tokens, after which only `<|end|>` may follow. JSON is
@@ -48,12 +50,15 @@ class TurnSpec:
     tools: tuple[ToolSpec, ...] = ()
     require_tool: bool = False
     reasoning_budget: int | None = None
+    builtins: tuple[str, ...] = ()  # "browser", "python": their calls are admitted too
 
     def __post_init__(self) -> None:
         if self.require_tool and not self.tools:
             raise ValueError("require_tool needs at least one tool")
         if self.reasoning_budget is not None and self.reasoning_budget < 0:
             raise ValueError("reasoning_budget must be >= 0")
+        if set(self.builtins) - {"browser", "python"}:
+            raise ValueError(f"unknown built-in tools {sorted(set(self.builtins))}")
 
 
 def with_json_options(schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,6 +98,17 @@ def build_lark(spec: TurnSpec) -> str:
         lines.append(f'call_{i}: <|channel|> {header} <|constrain|> "json" <|message|> '
                      f"args_{i} <|call|>")
         lines.append(f"args_{i}: {_json(tool.schema or ANY_OBJECT)}")
+    if spec.builtins and not spec.require_tool:  # the server runs these, then a new turn
+        lines.append("tool_text: /(.|\\n)*/")
+    if "python" in spec.builtins and not spec.require_tool:
+        answers.append("python_call")
+        lines.append(f'python_call: <|channel|> {_lit("analysis to=python code")} <|message|> '
+                     "tool_text <|call|>")
+    if "browser" in spec.builtins and not spec.require_tool:
+        answers.append("browser_call")
+        lines.append(f'browser_call: <|channel|> "analysis to=browser." browser_fn " code" '
+                     "<|message|> tool_text <|call|>")
+        lines.append('browser_fn: "search" | "open" | "find"')
     lines.insert(1, "answer: " + " | ".join(answers))
     return "\n".join(lines) + "\n"
 

@@ -292,7 +292,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
                             adapter=card.adapter)
     forced = choice.get("name") if isinstance(choice, dict) else choice
     constraint = await compile_constraint(
-        turn_spec(answer, tools.specs, forced, params.max_tokens), answer, tools.specs)
+        turn_spec(answer, tools.specs, forced, params.max_tokens, tuple(builtins)), answer,
+        tools.specs)
     mask = constraint.factory if constraint else None
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
              "reasoning_tokens": 0}

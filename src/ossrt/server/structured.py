@@ -124,9 +124,10 @@ def _schema_format(spec: Mapping[str, Any], param: str) -> AnswerFormat:
 
 
 def turn_spec(answer: AnswerFormat, functions: list[FunctionSpec], tool_choice: Any,
-              max_tokens: int | None) -> TurnSpec | None:
+              max_tokens: int | None, builtins: tuple[str, ...] = ()) -> TurnSpec | None:
     """The turn's constraint, or None when nothing needs enforcing. `tool_choice` is already
-    validated: None / "auto" / "none" / "required" / a function name."""
+    validated: None / "auto" / "none" / "required" / a function name. `builtins`: the built-in
+    tools the server runs for this request (their calls stay possible under a constraint)."""
     if tool_choice == "none":
         functions = []
     forced = tool_choice not in (None, "auto", "none", "required")
@@ -138,7 +139,8 @@ def turn_spec(answer: AnswerFormat, functions: list[FunctionSpec], tool_choice: 
     tools = tuple(ToolSpec(f.name, f.parameters if f.strict else None) for f in functions)
     return TurnSpec(json_answer=answer.json, answer_schema=answer.schema, tools=tools,
                     require_tool=require and bool(tools),
-                    reasoning_budget=reasoning_budget_for(max_tokens))
+                    reasoning_budget=reasoning_budget_for(max_tokens),
+                    builtins=tuple(sorted(builtins)))
 
 
 async def compile_constraint(spec: TurnSpec | None, answer: AnswerFormat,
