@@ -15,17 +15,21 @@ from pathlib import Path
 
 
 class SQLiteDB:
-    """`SQLiteDB(folder, "name.sqlite3", schema)`: opens (creating) the file and its tables."""
+    """`SQLiteDB(folder, "name.sqlite3", schema)`: opens (creating) the file and its tables;
+    folder None: an in-memory database (lost on exit: for tests and apps without a data dir)."""
 
-    def __init__(self, data_dir: str | Path, db_name: str, schema: str) -> None:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(data_dir) / db_name
+    def __init__(self, data_dir: str | Path | None, db_name: str, schema: str) -> None:
+        self.path: Path | None = None
+        if data_dir is not None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(data_dir) / db_name
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+        self._db = sqlite3.connect(str(self.path or ":memory:"), check_same_thread=False,
                                    isolation_level=None, timeout=30)
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(schema)
 
     def close(self) -> None:

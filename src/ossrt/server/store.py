@@ -9,11 +9,11 @@ Handlers call the blocking methods through `asyncio.to_thread`.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .sqlite_db import SQLiteDB
 
 DB_NAME = "responses.sqlite3"
 
@@ -37,29 +37,12 @@ class StoredResponse:
     previous_response_id: str | None
 
 
-class ResponseStore:
+class ResponseStore(SQLiteDB):
     """`ResponseStore(folder)` keeps `folder/responses.sqlite3`; `ResponseStore(None)` is an
     in-memory store (lost on exit: for tests and apps built without a data dir)."""
 
     def __init__(self, folder: str | Path | None) -> None:
-        if folder is None:
-            self.path: Path | None = None
-            target = ":memory:"
-        else:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.path = Path(folder) / DB_NAME
-            target = str(self.path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            if self.path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(folder, DB_NAME, _SCHEMA)
 
     def put(self, response: dict[str, Any], input_items: list[dict[str, Any]],
             transcript: dict[str, dict[str, str]] | None = None,
@@ -76,14 +59,8 @@ class ResponseStore:
         row = (response["id"], float(response["created_at"]), str(response["model"]),
                json.dumps(stored), json.dumps(input_items),
                response.get("previous_response_id"))
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", row)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", row)
 
     def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
