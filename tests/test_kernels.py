@@ -195,3 +195,34 @@ def test_mxfp4_linear_bf16_four_block_steps_and_scale_edges() -> None:
     keep = [0, 1, 3, 4]
     assert torch.allclose(got[:, keep], ref[:, keep], rtol=1e-5, atol=1e-5 * ref[:, keep].abs().max())
     assert got[0, 1] != 0 and torch.allclose(got[:, 1], ref[:, 1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n,e,h,i,k", [(2, 5, 96, 64, 2), (3, 7, 64, 32, 4), (8, 5, 160, 96, 3),
+                                       (17, 9, 64, 64, 4)])
+def test_moe_rows_native_matches_torch_path(monkeypatch, n, e, h, i, k) -> None:
+    """A few tokens' MoE in one native call (pairs grouped by expert in C++) against the
+    per-expert torch dequantize path; with few experts many tokens share an expert, and the
+    router_adjust hook still steers the routing (here: expert 0 for every token)."""
+    from ossrt.model import layers
+
+    w = _moe_inputs(e, h, i, seed=n * 1000 + e * 10 + k)
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(n)).bfloat16()
+    calls = []
+    real = kernels.moe_rows
+    monkeypatch.setattr(kernels, "moe_rows", lambda *a: calls.append(1) or real(*a))
+    def force(inp, logits):  # every token also uses expert 0: shared by all N rows
+        logits[:, 0] += 1000.0
+    def run(adjust):
+        return layers.moe(x, w["router_w"], w["router_b"], k, w["w1_blocks"], w["w1_scales"],
+                          w["w1_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"], 7.0,
+                          1.702, adjust)
+    got, got_forced = run(None), run(force)
+    assert len(calls) == 2
+    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)  # per-expert torch dequantize path
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    for a, adjust in ((got, None), (got_forced, force)):
+        ref = run(adjust)
+        assert a.shape == ref.shape == (n, h) and a.dtype == torch.bfloat16
+        err = (a.float() - ref.float()).abs().max().item()
+        assert err <= 0.02 * ref.float().abs().max().item(), err
+    assert not torch.equal(got, got_forced)

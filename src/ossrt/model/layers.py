@@ -17,6 +17,7 @@ from .config import GptOssConfig, yarn_low_high
 from .mxfp4 import dequantize
 
 _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
+_MOE_ROWS_MAX = 64  # up to this many tokens, the whole MoE is one native call (moe_rows)
 _KERNEL_MAX_ROWS = 64  # up to this many tokens per expert, read MXFP4 directly (decode regime)
 _GEMV_MAX_ROWS = 2  # bf16 dense layers with this few rows use the native GEMV
 
@@ -182,6 +183,10 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         return kernels.moe_token(x[0], idx[0], weights[0], w1_blocks, w1_scales, w1_bias,
                                  w2_blocks, w2_scales, w2_bias, limit, alpha
                                  ).to(x.dtype).view(1, -1)
+    if (1 < n <= _MOE_ROWS_MAX and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and kernels.available()):  # batched decode: one native call, grouped by expert
+        return kernels.moe_rows(x, idx, weights, w1_blocks, w1_scales, w1_bias,
+                                w2_blocks, w2_scales, w2_bias, limit, alpha).to(x.dtype)
     flat = idx.flatten()  # [N*K]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w1_blocks.shape[0]).tolist()

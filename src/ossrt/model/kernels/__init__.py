@@ -75,6 +75,17 @@ def moe_token(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                              w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 
 
+def moe_rows(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+             w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+             w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+             limit: float, alpha: float) -> torch.Tensor:
+    """A few tokens' MoE feed-forward in one native call (batched decode): x [N, H] bf16,
+    idx [N, K], weights [N, K] -> [N, H] float32. The (token, expert) pairs are grouped by
+    expert inside, so each used expert's packed bytes are read once for all its tokens."""
+    return _load().moe_rows(x, idx, weights, w1_blocks, w1_scales, w1_bias,
+                            w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
+
+
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ w [N, K] bf16 (+ bias) -> [M, N] float32, accumulated in fp32."""
     return _load().bf16_linear(x, w, bias)

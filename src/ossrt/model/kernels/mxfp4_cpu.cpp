@@ -215,33 +215,49 @@ static inline __m512 scales4(const uint8_t* s) {  // 2^(s-127) per lane; s=0: 2^
                                _mm512_castps128_ps512(f));
 }
 
-static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
-                             const uint16_t* x, const uint16_t* xperm, __m512i lut) {
+// R rows of x against one packed row: each step of 4 blocks is decoded once and dotted with
+// every row (same arithmetic per row as R = 1, so results do not depend on R).
+template <int R>
+static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                                 const uint16_t* const* x, const uint16_t* const* xperm,
+                                 __m512i lut, float* out) {
   const __m512 zero = _mm512_setzero_ps();
-  __m512 a0 = zero, a1 = zero;
+  __m512 a0[R], a1[R];
+  for (int i = 0; i < R; ++i) a0[i] = a1[i] = zero;
   const int64_t C = G / 4;
   for (int64_t c = 0; c < C; ++c) {
     const __m512i v = _mm512_loadu_si512(brow + c * 64);
-    const uint16_t* xc = xperm + c * 128;
-    __m512 pa = _mm512_dpbf16_ps(zero, (__m512bh)_mm512_permutexvar_epi16(v, lut),
-                                 (__m512bh)_mm512_loadu_si512(xc));
-    __m512 pb = _mm512_dpbf16_ps(
-        zero, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut),
-        (__m512bh)_mm512_loadu_si512(xc + 32));
-    pa = _mm512_dpbf16_ps(pa, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut),
-                          (__m512bh)_mm512_loadu_si512(xc + 64));
-    pb = _mm512_dpbf16_ps(pb, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut),
-                          (__m512bh)_mm512_loadu_si512(xc + 96));
+    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, lut);
+    const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+    const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+    const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
     const __m512 sv = scales4(srow + 4 * c);
-    if (c & 1) a1 = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a1);
-    else a0 = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a0);
+    for (int i = 0; i < R; ++i) {
+      const uint16_t* xc = xperm[i] + c * 128;
+      __m512 pa = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
+      __m512 pb = _mm512_dpbf16_ps(zero, w1, (__m512bh)_mm512_loadu_si512(xc + 32));
+      pa = _mm512_dpbf16_ps(pa, w2, (__m512bh)_mm512_loadu_si512(xc + 64));
+      pb = _mm512_dpbf16_ps(pb, w3, (__m512bh)_mm512_loadu_si512(xc + 96));
+      if (c & 1) a1[i] = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a1[i]);
+      else a0[i] = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a0[i]);
+    }
   }
   for (int64_t g = 4 * C; g < G; ++g) {
-    __m512 p = _mm512_dpbf16_ps(zero, (__m512bh)decode_block_bf16(brow + g * 16, lut),
-                                (__m512bh)_mm512_loadu_si512(x + g * 32));
-    a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(g_scale_of[srow[g]]), a0);
+    const __m512bh wb = (__m512bh)decode_block_bf16(brow + g * 16, lut);
+    const __m512 s = _mm512_set1_ps(g_scale_of[srow[g]]);
+    for (int i = 0; i < R; ++i) {
+      __m512 p = _mm512_dpbf16_ps(zero, wb, (__m512bh)_mm512_loadu_si512(x[i] + g * 32));
+      a0[i] = _mm512_fmadd_ps(p, s, a0[i]);
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                             const uint16_t* x, const uint16_t* xperm, __m512i lut) {
+  float out;
+  row_dot4_rows<1>(brow, srow, G, &x, &xperm, lut, &out);
+  return out;
 }
 #endif
 
@@ -268,6 +284,22 @@ static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
 #else
   (void)xperm;
   return row_dot1_scalar(brow, srow, G, x);
+#endif
+}
+
+// out[i] = row_dot(brow, srow, G, x[i], xperm[i]) for i < M, each block decoded once per 4 rows.
+static inline void row_dot_rows(const uint8_t* brow, const uint8_t* srow, int64_t G, int64_t M,
+                                const uint16_t* const* x, const uint16_t* const* xperm,
+                                float* out) {
+#if defined(OSSRT_BF16_MXFP4)
+  const __m512i lut = e2m1_bf16_lut();
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) row_dot4_rows<4>(brow, srow, G, x + i, xperm + i, lut, out + i);
+  if (M - i >= 2) { row_dot4_rows<2>(brow, srow, G, x + i, xperm + i, lut, out + i); i += 2; }
+  if (i < M) row_dot4_rows<1>(brow, srow, G, x + i, xperm + i, lut, out + i);
+#else
+  for (int64_t i = 0; i < M; ++i) out[i] = row_dot1_scalar(brow, srow, G, x[i]);
+  (void)xperm;
 #endif
 }
 
@@ -382,6 +414,116 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   return out;
 }
 
+// The MoE feed-forward of N tokens (batched decode) in one call: the N*K (token, expert) pairs
+// are grouped by expert here, and each used expert's packed rows are read once for all of its
+// pairs (every packed row is dotted with each of that expert's tokens while it is in cache).
+// Pass 1, parallel over (used expert, gate/up row): h[p] = W1_e x[t_p] + b1_e for pair p;
+// SwiGLU (input rounded to bf16, as in moe_token); pass 2, parallel over (used expert, down
+// row): y[p] = w_p (W2_e a_p + b2_e); then out[t] = sum of its pairs' y, in fp32.
+// x [N, H] bf16; idx [N, K] int64; w [N, K]; weights as in moe_token -> [N, H] float32.
+torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
+                       torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
+                       torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
+                       double limit, double alpha) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be [N, H] bfloat16");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && w.sizes() == idx.sizes(),
+              "idx, w must be [N, K]");
+  x = x.contiguous();
+  idx = idx.to(torch::kInt64).contiguous();
+  w = w.to(torch::kFloat32).contiguous();
+  const int64_t N = x.size(0), H = x.size(1), K = idx.size(1), P = N * K, E = w1_blocks.size(0);
+  const int64_t I2 = w1_blocks.size(1), I = I2 / 2, G1 = w1_blocks.size(2), G2 = w2_blocks.size(2);
+  TORCH_CHECK(w1_blocks.dim() == 4 && w2_blocks.dim() == 4, "bad shapes");
+  TORCH_CHECK(w2_blocks.size(0) == E && w2_blocks.size(1) == H && G2 * 32 == I && I2 % 2 == 0,
+              "w2 must be [E, H, I/32, 16]");
+  check_packed(w1_blocks, w1_scales, H);
+  check_packed(w2_blocks, w2_scales, I);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert index out of range");
+  // Group pairs by expert (stable): pairs[start[u] .. start[u+1]) use expert used[u].
+  std::vector<int64_t> count(E, 0);
+  for (int64_t p = 0; p < P; ++p) ++count[ip[p]];
+  std::vector<int64_t> used, start{0}, pos(E, 0);
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e]) {
+      pos[e] = start.back();
+      used.push_back(e);
+      start.push_back(start.back() + count[e]);
+    }
+  const int64_t U = static_cast<int64_t>(used.size());
+  std::vector<int64_t> tok(P), src(P);  // sorted pair -> token, original pair index
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t q = pos[ip[p]]++;
+    tok[q] = p / K;
+    src[q] = p;
+  }
+  auto b1 = w1_bias.to(torch::kFloat32).contiguous();  // [E, 2I]
+  auto b2 = w2_bias.to(torch::kFloat32).contiguous();  // [E, H]
+  auto h = torch::empty({P, I2}, x.options().dtype(torch::kFloat32));
+  auto act = torch::empty({P, I}, x.options());
+  auto out = torch::zeros({N, H}, x.options().dtype(torch::kFloat32));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* wp = w.data_ptr<float>();
+  const float* b1p = b1.data_ptr<float>();
+  const float* b2p = b2.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  uint16_t* ap = reinterpret_cast<uint16_t*>(act.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  const uint8_t* bp1 = w1_blocks.data_ptr<uint8_t>();
+  const uint8_t* sp1 = w1_scales.data_ptr<uint8_t>();
+  const uint8_t* bp2 = w2_blocks.data_ptr<uint8_t>();
+  const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
+  std::vector<uint16_t> xperm(N * H), aperm(P * I);
+  for (int64_t t = 0; t < N; ++t) permute_x4(xp + t * H, G1, xperm.data() + t * H);
+  std::vector<const uint16_t*> xs(P), xps(P), as(P), aps(P);  // per sorted pair: its inputs
+  for (int64_t q = 0; q < P; ++q) {
+    xs[q] = xp + tok[q] * H;
+    xps[q] = xperm.data() + tok[q] * H;
+    as[q] = ap + q * I;
+    aps[q] = aperm.data() + q * I;
+  }
+  at::parallel_for(0, U * I2, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> dot(P);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t u = r / I2, n = r % I2, e = used[u], row = e * I2 + n;
+      const uint8_t* brow = bp1 + row * G1 * 16;
+      const uint8_t* srow = sp1 + row * G1;
+      const int64_t q0 = start[u], c = start[u + 1] - q0;
+      row_dot_rows(brow, srow, G1, c, xs.data() + q0, xps.data() + q0, dot.data());
+      for (int64_t q = q0; q < q0 + c; ++q) hp[q * I2 + n] = dot[q - q0] + b1p[row];
+    }
+  });
+  const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
+  for (int64_t j = 0; j < P * I; ++j) {  // interleaved: even = gate, odd = linear
+    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
+    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
+    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
+  }
+  for (int64_t q = 0; q < P; ++q) permute_x4(ap + q * I, G2, aperm.data() + q * I);
+  // Pass 2 streams one expert's rows at a time (like pass 1) into y [P, H], then each token
+  // sums its K pairs in fp32, parallel over the H columns (each column owned by one thread).
+  std::vector<float> y(P * H);
+  at::parallel_for(0, U * H, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> dot(P);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t u = r / H, n = r % H, row = used[u] * H + n;
+      const uint8_t* brow = bp2 + row * G2 * 16;
+      const uint8_t* srow = sp2 + row * G2;
+      const int64_t q0 = start[u], c = start[u + 1] - q0;
+      row_dot_rows(brow, srow, G2, c, as.data() + q0, aps.data() + q0, dot.data());
+      for (int64_t q = q0; q < q0 + c; ++q) y[q * H + n] = wp[src[q]] * (dot[q - q0] + b2p[row]);
+    }
+  });
+  at::parallel_for(0, H, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t q = 0; q < P; ++q) {
+      float* o = op + tok[q] * H;
+      const float* yq = y.data() + q * H;
+      for (int64_t n = n0; n < n1; ++n) o[n] += yq[n];
+    }
+  });
+  return out;
+}
+
 // ---- decode attention over a paged cache ---------------------------------------------------------
 // One query token per sequence attending over keys gathered by slot (no copy of the cache):
 // q [Hq, D] bf16; kc, vc [slots, Hkv, D] bf16; slots [S] int64 (all visible); sinks [Hq];
@@ -463,4 +605,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");
   m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)");
   m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
+  m.def("moe_rows", &moe_rows, "MoE feed-forward of a few tokens, grouped by expert (CPU)");
 }
