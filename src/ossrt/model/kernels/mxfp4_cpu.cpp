@@ -351,6 +351,19 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
 // w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32], w1_bias [E, 2I];
 // w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], w2_bias [E, H] -> [H] float32.
 // The SwiGLU input is rounded to bf16 (as the torch path does), the rest stays fp32.
+// rows x [2I] fp32 gate/up (interleaved: even = gate, odd = linear; each rounded to bf16 as
+// torch's bf16 path does) -> act rows x [I] bf16 = clamped SwiGLU, plus each row permuted for
+// row_dot (aperm). Same math as `swiglu` in layers.py.
+static void swiglu_rows(const float* hp, int64_t rows, int64_t I, int64_t G2, float lim,
+                        float alp, uint16_t* ap, uint16_t* aperm) {
+  for (int64_t j = 0; j < rows * I; ++j) {
+    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
+    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
+    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
+  }
+  for (int64_t r = 0; r < rows; ++r) permute_x4(ap + r * I, G2, aperm + r * I);
+}
+
 torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                         torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
                         torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
@@ -393,12 +406,7 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
     }
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
-  for (int64_t j = 0; j < K * I; ++j) {  // interleaved: even = gate, odd = linear
-    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
-    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
-    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
-  }
-  for (int64_t j = 0; j < K; ++j) permute_x4(ap + j * I, G2, aperm.data() + j * I);
+  swiglu_rows(hp, K, I, G2, lim, alp, ap, aperm.data());
   at::parallel_for(0, H, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float acc = 0.f;
@@ -494,12 +502,7 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
     }
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
-  for (int64_t j = 0; j < P * I; ++j) {  // interleaved: even = gate, odd = linear
-    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
-    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
-    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
-  }
-  for (int64_t q = 0; q < P; ++q) permute_x4(ap + q * I, G2, aperm.data() + q * I);
+  swiglu_rows(hp, P, I, G2, lim, alp, ap, aperm.data());
   // Pass 2 streams one expert's rows at a time (like pass 1) into y [P, H], then each token
   // sums its K pairs in fp32, parallel over the H columns (each column owned by one thread).
   std::vector<float> y(P * H);
