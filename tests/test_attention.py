@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ossrt.model.layers import attend, attend_flash, attend_reference
+from ossrt.model.layers import attend, attend_flash, attend_flash_window, attend_reference
 
 
 @pytest.mark.parametrize("t,s", [(1, 1), (1, 77), (9, 9), (9, 300), (260, 260), (33, 1000)])
@@ -19,6 +19,25 @@ def test_flash_path_matches_reference(t, s, dtype, tol):
     fast = attend_flash(q, k, v, sinks, 0.25)
     ref = attend_reference(q.float(), k.float(), v.float(), sinks.float(), s - t, 0, None, 0.25)
     assert fast.dtype == dtype
+    assert (fast.float() - ref).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("t,q_pos0,window", [(2, 0, 4), (40, 0, 4), (37, 3, 8), (130, 0, 128),
+                                              (300, 0, 128), (200, 1000, 128), (5, 60, 16)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_window_flash_path_matches_reference(t, q_pos0, window, dtype, tol):
+    """Keys end with the queries and start where the first query's window does (the paged
+    cache's sliding layers): every chunk boundary, a first chunk shorter than the window, and
+    chunks past the cache's start."""
+    g = torch.Generator().manual_seed(t + q_pos0)
+    s = t + min(q_pos0, window - 1)
+    k_pos0 = q_pos0 + t - s
+    q = torch.randn(2, t, 8, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, s, 2, 16, generator=g).to(dtype) for _ in range(2))
+    sinks = torch.randn(8, generator=g)
+    fast = attend_flash_window(q, k, v, sinks, q_pos0, k_pos0, window, 0.25)
+    ref = attend_reference(q.float(), k.float(), v.float(), sinks, q_pos0, k_pos0, window, 0.25)
+    assert fast.dtype == dtype and fast.shape == q.shape
     assert (fast.float() - ref).abs().max().item() < tol
 
 

@@ -7,6 +7,7 @@ E experts, K experts per token, I expert intermediate size, N = B*T tokens.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,8 @@ from .mxfp4 import dequantize
 
 _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
 _MOE_ROWS_MAX = 64  # up to this many tokens, the whole MoE is one native call (moe_rows)
-_KERNEL_MAX_ROWS = 64  # up to this many tokens per expert, read MXFP4 directly (decode regime)
+_KERNEL_MAX_ROWS = 4  # up to this many tokens per expert, read MXFP4 directly (GEMV regime);
+# more, and the expert is dequantized to bf16 for torch's GEMM (measured crossover: 4-8 rows)
 _GEMV_MAX_ROWS = 2  # bf16 dense layers with this few rows use the native GEMV
 
 
@@ -80,10 +82,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tenso
     verified way. Full-attention layers whose keys end with the queries (the KV-cache case) use
     torch's fused flash kernel; sliding layers read at most the window, so the reference is
     already cheap for them."""
-    if (window is None and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    if (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
             and q.device.type == "cpu" and q_pos0 + q.shape[1] == k_pos0 + k.shape[1]):
-        return attend_flash(q, k, v, sinks, scale)
+        if window is None:
+            return attend_flash(q, k, v, sinks, scale)
+        if q.shape[1] > 1:
+            return attend_flash_window(q, k, v, sinks, q_pos0, k_pos0, window, scale)
     return attend_reference(q, k, v, sinks, q_pos0, k_pos0, window, scale)
+
+
+def attend_flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                        q_pos0: int, k_pos0: int, window: int, scale: float) -> torch.Tensor:
+    """Sliding-window causal attention with sinks through torch's fused flash kernel, where the
+    keys end with the queries: `attend_reference`'s contract.
+
+    Queries go in chunks of `window`; each chunk reads only the keys its window reaches
+    (< 2 * window) under an additive mask, so the cost grows linearly with T, not as T^2.
+    q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D].
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, t, hq, d = q.shape
+    g = hq // k.shape[2]
+    out = torch.empty_like(q)
+    sink = sinks.float().view(1, hq, 1)
+    for t0 in range(0, t, window):
+        t1 = min(t, t0 + window)
+        lo = max(0, q_pos0 + t0 - window + 1 - k_pos0)
+        hi = q_pos0 + t1 - k_pos0
+        qp = torch.arange(q_pos0 + t0, q_pos0 + t1, device=q.device)[:, None]  # [tc, 1]
+        kp = torch.arange(k_pos0 + lo, k_pos0 + hi, device=q.device)[None, :]  # [1, sc]
+        mask = torch.zeros(qp.shape[0], kp.shape[1], dtype=q.dtype, device=q.device)
+        mask.masked_fill_((kp > qp) | (kp <= qp - window), float("-inf"))  # [tc, sc]
+        qh = q[:, t0:t1].transpose(1, 2)  # [B, Hq, tc, D]
+        kh = k[:, lo:hi].transpose(1, 2).repeat_interleave(g, dim=1)  # [B, Hq, sc, D]
+        vh = v[:, lo:hi].transpose(1, 2).repeat_interleave(g, dim=1)
+        o, lse = flash(qh, kh, vh, 0.0, False, attn_mask=mask, scale=scale)
+        o = o.float() * torch.sigmoid(lse.float() - sink)[..., None]  # the sink's share
+        out[:, t0:t1] = o.to(v.dtype).transpose(1, 2)
+    return out
 
 
 def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -160,6 +196,27 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
+_SCRATCH = threading.local()
+
+
+def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, native: bool,
+                slot: int) -> torch.Tensor:
+    """One expert matrix in `dtype`: on the CPU in bf16, the native kernel writes it into this
+    thread's scratch buffer `slot` (reused across experts and layers: no fresh pages per call),
+    bit-identical to `dequantize`. The result is valid until the next call for that slot."""
+    if not (native and dtype == torch.bfloat16):
+        return dequantize(blocks, scales, dtype)
+    n = scales.numel() * 32
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(n, dtype=torch.bfloat16)
+    out = buf[:n].view(*scales.shape[:-1], scales.shape[-1] * 32)
+    return kernels.dequant_bf16(blocks, scales, out)
+
+
 def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
         w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
@@ -187,6 +244,7 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
             and kernels.available()):  # batched decode: one native call, grouped by expert
         return kernels.moe_rows(x, idx, weights, w1_blocks, w1_scales, w1_bias,
                                 w2_blocks, w2_scales, w2_bias, limit, alpha).to(x.dtype)
+    native = x.device.type == "cpu" and kernels.available()
     flat = idx.flatten()  # [N*K]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w1_blocks.shape[0]).tolist()
@@ -199,14 +257,14 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         start += c
         rows = sel // top_k  # [c] token indices
         xe = x[rows]  # [c, H]
-        if c <= _KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+        if c <= _KERNEL_MAX_ROWS and native:
             a = swiglu(kernels.mxfp4_linear(xe, w1_blocks[e], w1_scales[e], w1_bias[e]),
                        limit, alpha)  # [c, I]
             y = kernels.mxfp4_linear(a, w2_blocks[e], w2_scales[e], w2_bias[e])  # [c, H]
         else:
-            w1 = dequantize(w1_blocks[e], w1_scales[e], x.dtype)  # [2I, H]
+            w1 = _dequantize(w1_blocks[e], w1_scales[e], x.dtype, native, 0)  # [2I, H]
             a = swiglu(F.linear(xe, w1, w1_bias[e]), limit, alpha)  # [c, I]
-            w2 = dequantize(w2_blocks[e], w2_scales[e], x.dtype)  # [H, I]
+            w2 = _dequantize(w2_blocks[e], w2_scales[e], x.dtype, native, 1)  # [H, I]
             y = F.linear(a, w2, w2_bias[e])  # [c, H]
         out.index_add_(0, rows, y * weights.flatten()[sel, None])
     return out

@@ -86,6 +86,14 @@ def moe_rows(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                             w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 
 
+def dequant_bf16(blocks: torch.Tensor, scales: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """blocks [..., G, 16], scales [..., G] uint8 -> [..., G*32] bf16, bit-identical to
+    `mxfp4.dequantize(blocks, scales, torch.bfloat16)`, parallel and vectorized; written into
+    `out` (contiguous bf16, same number of elements) when given, and returned."""
+    return _load().dequant_bf16(blocks, scales, out)
+
+
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ w [N, K] bf16 (+ bias) -> [M, N] float32, accumulated in fp32."""
     return _load().bf16_linear(x, w, bias)

@@ -527,6 +527,69 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   return out;
 }
 
+// ---- whole-matrix dequantization: the prefill path ----------------------------------------------
+// blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G*32] bf16, bit-identical to
+// `mxfp4.dequantize` (each value is E2M1 * 2^(s-127), exact in bf16 for every scale byte, so
+// the fp32 product's top 16 bits are the bf16 value; byte 255 gives NaN). Prefill then runs
+// torch's GEMM on the result: with tens of tokens per expert the matrix product, not the
+// decode of the packed bytes, is the cost, and oneDNN's bf16 GEMM is near this CPU's peak.
+torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
+                           c10::optional<torch::Tensor> out_opt) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8,
+              "blocks and scales must be uint8");
+  TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16 &&
+              blocks.sizes().slice(0, blocks.dim() - 1) == scales.sizes(),
+              "blocks [..., G, 16] and scales [..., G] must match");
+  blocks = blocks.contiguous();
+  scales = scales.contiguous();
+  const int64_t nblk = scales.numel();
+  std::vector<int64_t> shape(scales.sizes().begin(), scales.sizes().end());
+  shape.back() *= 32;
+  torch::Tensor out;
+  if (out_opt.has_value()) {  // a caller's buffer (reused across calls: no fresh pages)
+    out = *out_opt;
+    TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() &&
+                out.numel() == nblk * 32, "out must be a contiguous bf16 tensor of [..., G*32]");
+  } else {
+    out = torch::empty(shape, blocks.options().dtype(torch::kBFloat16));
+  }
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());  // 2 values per word
+  at::parallel_for(0, nblk, 2048, [&](int64_t b0, int64_t b1) {
+#if defined(__AVX512F__)
+    const __m512 lut = _mm512_loadu_ps(kE2M1);
+    const __m512i low4 = _mm512_set1_epi32(15);
+    const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m512i idx = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + b * 16)));
+      const __m512 s = _mm512_set1_ps(g_scale_of[sp[b]]);
+      const __m512i lo = _mm512_castps_si512(
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(idx, low4), lut), s));
+      const __m512i hi = _mm512_castps_si512(
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut), s));
+      // dword k = value 2k (low word, from lo's top half) | value 2k+1 (high word)
+      const __m512i w = _mm512_ternarylogic_epi32(hi, hi16, _mm512_srli_epi32(lo, 16), 0xEA);
+      _mm512_storeu_si512(op + b * 16, w);  // (a & b) | c
+    }
+#else
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = g_scale_of[sp[b]];
+      for (int k = 0; k < 16; ++k) {
+        const uint8_t v = bp[b * 16 + k];
+        float lo = kE2M1[v & 15] * s, hi = kE2M1[v >> 4] * s;
+        uint32_t ul, uh;
+        std::memcpy(&ul, &lo, 4);
+        std::memcpy(&uh, &hi, 4);
+        op[b * 16 + k] = (uh & 0xFFFF0000u) | (ul >> 16);
+      }
+    }
+#endif
+  });
+  return out;
+}
+
 // ---- decode attention over a paged cache ---------------------------------------------------------
 // One query token per sequence attending over keys gathered by slot (no copy of the cache):
 // q [Hq, D] bf16; kc, vc [slots, Hkv, D] bf16; slots [S] int64 (all visible); sinks [Hq];
@@ -608,5 +671,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");
   m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)");
   m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
+  m.def("dequant_bf16", &dequant_bf16, "MXFP4 -> bf16, whole matrices (CPU)",
+        py::arg("blocks"), py::arg("scales"), py::arg("out") = py::none());
   m.def("moe_rows", &moe_rows, "MoE feed-forward of a few tokens, grouped by expert (CPU)");
 }
