@@ -42,7 +42,8 @@ def _load() -> Any:
             (build / "lock").unlink(missing_ok=True)
             _MODULE = load(name="ossrt_mxfp4_cpu",
                            sources=[str(Path(__file__).with_name("mxfp4_cpu.cpp"))],
-                           extra_cflags=["-O3", "-march=native"], build_directory=str(build),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
     except Exception as exc:  # no compiler / ninja: the torch path still works
         log.warning("ossrt: native MXFP4 kernel unavailable (%s); using the torch path", exc)

@@ -172,6 +172,9 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kep
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define OSSRT_BF16_MXFP4 1
+#ifndef OSSRT_PF
+#define OSSRT_PF 2048  // bytes ahead: the packed rows stream; measured 1-2 KiB best here
+#endif
 static inline __m512i decode_block_bf16(const uint8_t* b16, __m512i lut) {
   // dword k = byte k; word 2k = its low nibble, word 2k+1 its high nibble: weight order.
   __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b16)));
@@ -226,6 +229,7 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
   for (int i = 0; i < R; ++i) a0[i] = a1[i] = zero;
   const int64_t C = G / 4;
   for (int64_t c = 0; c < C; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(brow + c * 64 + OSSRT_PF), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(brow + c * 64);
     const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, lut);
     const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
