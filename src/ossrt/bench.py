@@ -58,11 +58,11 @@ def _decode(engine: LLMEngine, conc: int, prompt_tokens: int, tokens: int) -> di
 def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
               decode_tokens: int = 32, decode_prompt_tokens: int = 128,
               concurrency: tuple[int, ...] = (1, 4, 8), threads: int | None = None,
-              kv_cache_gb: float = 2.0) -> dict[str, Any]:
+              kv_cache_gb: float = 2.0, dense_dtype: str = "bfloat16") -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = load_model(model_dir, dtype, progress=False)
+    model = load_model(model_dir, dtype, progress=False, dense_dtype=dense_dtype)
     load_s = time.perf_counter() - t0
     engine = LLMEngine(model, EngineConfig(max_num_seqs=max(concurrency),
                                            max_num_batched_tokens=max(prompt_tokens, 256),
@@ -70,6 +70,7 @@ def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
                                            enable_prefix_caching=False))
     result: dict[str, Any] = {
         "model": model_dir, "dtype": str(model.dtype).removeprefix("torch."),
+        "dense_dtype": model.dense_dtype,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_s": round(load_s, 2), "prefill": _prefill(engine, prompt_tokens),
         "decode": [_decode(engine, c, decode_prompt_tokens, decode_tokens) for c in concurrency],

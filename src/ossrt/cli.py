@@ -49,7 +49,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     tok = get_tokenizer()
     t0 = time.perf_counter()
-    model = load_model(args.model, args.dtype, args.device, args.layout)
+    model = load_model(args.model, args.dtype, args.device, args.layout,
+                       dense_dtype=args.dense_dtype)
     load_s = time.perf_counter() - t0
     prompt = tok.encode(args.prompt)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
@@ -98,7 +99,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                decode_tokens=args.decode_tokens,
                                decode_prompt_tokens=args.decode_prompt_tokens,
                                concurrency=conc, threads=args.threads,
-                               kv_cache_gb=args.kv_cache_gb), indent=2))
+                               kv_cache_gb=args.kv_cache_gb, dense_dtype=args.dense_dtype),
+                     indent=2))
     return 0
 
 
@@ -115,7 +117,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(ServeOptions(model=args.model, host=args.host, port=args.port,
                        served_model_names=tuple(args.served_model_name or ()),
-                       data_dir=args.data_dir, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                       data_dir=args.data_dir, dtype=args.dtype, dense_dtype=args.dense_dtype,
+                       kv_cache_gb=args.kv_cache_gb,
                        max_num_seqs=args.max_num_seqs, api_key=args.api_key,
                        rate_limits=args.rate_limits,
                        allow_unauthenticated=args.allow_unauthenticated,
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    gen.add_argument("--dense-dtype", choices=["bfloat16", "int8"], default="bfloat16",
+                     help="int8: attention and unembedding weights in 8 bits (q8_0-like, "
+                          "faster CPU decode, small logit error; see BENCHMARKS.md)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     gen.add_argument("--layout", choices=["hf", "original"], default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where stored responses, files, fine-tuning jobs and keys live "
                      "(default ~/.cache/ossrt/data)")
     srv.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    srv.add_argument("--dense-dtype", choices=["bfloat16", "int8"], default="bfloat16",
+                     help="int8: attention and unembedding weights in 8 bits (q8_0-like, "
+                          "faster CPU decode, small logit error; see BENCHMARKS.md)")
     srv.add_argument("--kv-cache-gb", type=float, default=2.0)
     srv.add_argument("--max-num-seqs", type=int, default=16)
     srv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "time to first token, peak RSS (JSON)")
     bench.add_argument("--model", required=True)
     bench.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    bench.add_argument("--dense-dtype", choices=["bfloat16", "int8"], default="bfloat16",
+                     help="int8: attention and unembedding weights in 8 bits (q8_0-like, "
+                          "faster CPU decode, small logit error; see BENCHMARKS.md)")
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--decode-tokens", type=int, default=32)
     bench.add_argument("--decode-prompt-tokens", type=int, default=128)

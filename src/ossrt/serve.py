@@ -23,6 +23,7 @@ class ServeOptions:
     served_model_names: tuple[str, ...] = ()
     data_dir: str | None = None
     dtype: str = "auto"
+    dense_dtype: str = "bfloat16"  # or "int8": 8-bit attention/unembedding weights
     kv_cache_gb: float = 2.0
     max_num_seqs: int = 16
     api_key: str | None = None  # one static key (tier "default"); more via `ossrt keys`
@@ -79,7 +80,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
               "  whole API can be tried. Download the real weights and pass --model DIR.\n"
               + "=" * 72, file=sys.stderr)
     t0 = time.perf_counter()
-    model = load_model(path, opts.dtype)
+    model = load_model(path, opts.dtype, dense_dtype=opts.dense_dtype)
     engine = LLMEngine(model, EngineConfig(kv_cache_bytes=int(opts.kv_cache_gb * (1 << 30)),
                                            max_num_seqs=opts.max_num_seqs))
     names = opts.served_model_names or (

@@ -16,24 +16,39 @@ import torch.nn.functional as F
 from . import kernels
 from .config import GptOssConfig, yarn_low_high
 from .mxfp4 import dequantize
+from .q8 import Q8Weight
 
 _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
 _MOE_ROWS_MAX = 64  # up to this many tokens, the whole MoE is one native call (moe_rows)
 _KERNEL_MAX_ROWS = 4  # up to this many tokens per expert, read MXFP4 directly (GEMV regime);
 # more, and the expert is dequantized to bf16 for torch's GEMM (measured crossover: 4-8 rows)
 _GEMV_MAX_ROWS = 2  # bf16 dense layers with this few rows use the native GEMV
+_Q8_GEMV_MAX_ROWS = 16  # 8-bit dense layers: native GEMV up to this many rows, then bf16 GEMM
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T + b -> [..., N] in `out_dtype` (default x's dtype).
 
     One or two bf16 rows on the CPU (single-sequence decode) go through the native GEMV, which
-    reads the weight at memory bandwidth; everything else through torch.
+    reads the weight at memory bandwidth; everything else through torch. An 8-bit `Q8Weight`
+    goes through the native 8-bit GEMV for up to `_Q8_GEMV_MAX_ROWS` rows, else it is expanded
+    to bf16 for torch's GEMM (prefill).
     """
     rows = x.numel() // x.shape[-1]
+    native = x.device.type == "cpu" and kernels.available()
+    if isinstance(w, Q8Weight):
+        if x.dtype == torch.bfloat16 and 0 < rows <= _Q8_GEMV_MAX_ROWS and native:
+            y = kernels.q8_linear(x.reshape(rows, -1), w.q, w.scale, b)
+            return y.view(*x.shape[:-1], w.shape[0]).to(out_dtype or x.dtype)
+        if native and x.dtype == torch.bfloat16:
+            wd = kernels.q8_dequant_bf16(w.q, w.scale, _scratch(2, w.q.numel(), w.q.shape))
+        else:
+            wd = w.dequantize(x.dtype)
+        y = F.linear(x, wd, b)
+        return y if out_dtype is None else y.to(out_dtype)
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and 0 < rows <= _GEMV_MAX_ROWS
-            and x.device.type == "cpu" and kernels.available()):
+            and native):
         y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
         return y.to(out_dtype or x.dtype)
     y = F.linear(x, w, b)
@@ -199,22 +214,26 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 _SCRATCH = threading.local()
 
 
-def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, native: bool,
-                slot: int) -> torch.Tensor:
-    """One expert matrix in `dtype`: on the CPU in bf16, the native kernel writes it into this
-    thread's scratch buffer `slot` (reused across experts and layers: no fresh pages per call),
-    bit-identical to `dequantize`. The result is valid until the next call for that slot."""
-    if not (native and dtype == torch.bfloat16):
-        return dequantize(blocks, scales, dtype)
-    n = scales.numel() * 32
+def _scratch(slot: int, n: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """This thread's bf16 scratch buffer `slot`, viewed as `shape` (n elements); reused across
+    calls (no fresh pages per expert or layer), valid until the next use of the same slot."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.numel() < n:
         buf = bufs[slot] = torch.empty(n, dtype=torch.bfloat16)
-    out = buf[:n].view(*scales.shape[:-1], scales.shape[-1] * 32)
-    return kernels.dequant_bf16(blocks, scales, out)
+    return buf[:n].view(*shape)
+
+
+def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, native: bool,
+                slot: int) -> torch.Tensor:
+    """One expert matrix in `dtype`: on the CPU in bf16, the native kernel writes it into the
+    scratch buffer `slot`, bit-identical to `dequantize`."""
+    if not (native and dtype == torch.bfloat16):
+        return dequantize(blocks, scales, dtype)
+    shape = (*scales.shape[:-1], scales.shape[-1] * 32)
+    return kernels.dequant_bf16(blocks, scales, _scratch(slot, scales.numel() * 32, shape))
 
 
 def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,

@@ -19,6 +19,7 @@ from .config import GptOssConfig
 from .layers import YarnRope, attend, linear, moe, rms_norm
 from .loader import Checkpoint, read_checkpoint
 from .lora import LoraBatch
+from .q8 import Q8Weight
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -122,6 +123,7 @@ class GptOss(nn.Module):
                  dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
+        self.dense_dtype = "bfloat16"  # or "int8" after `quantize_dense`
         self.embed = nn.Parameter(weights["embed"].to(dtype), requires_grad=False)
         self.unembed = nn.Parameter(weights["unembed"].to(dtype), requires_grad=False)
         self.norm = nn.Parameter(weights["norm"].to(dtype), requires_grad=False)
@@ -138,6 +140,20 @@ class GptOss(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    def quantize_dense(self) -> None:
+        """Opt-in 8-bit dense mode: the attention projections and the unembedding become
+        `Q8Weight`s (half the bytes read per decoded token); the bf16 tensors are released.
+        The embedding (a row lookup), norms, router, sinks and biases stay as they are."""
+        for block in self.blocks:
+            for key in ("q_w", "k_w", "v_w", "o_w"):
+                q8 = Q8Weight.quantize(getattr(block, key))
+                delattr(block, key)
+                setattr(block, key, q8)
+        q8 = Q8Weight.quantize(self.unembed)
+        del self.unembed
+        self.unembed = q8
+        self.dense_dtype = "int8"
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
@@ -180,10 +196,17 @@ class GptOss(nn.Module):
         return linear(hidden, self.unembed, out_dtype=torch.float32)
 
 
+DENSE_DTYPES = ("bfloat16", "int8")
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
                device: str = "cpu", layout: str | None = None,
-               progress: bool | None = None) -> GptOss:
-    """Reads, validates and builds a model from a checkpoint folder (either layout)."""
+               progress: bool | None = None, dense_dtype: str = "bfloat16") -> GptOss:
+    """Reads, validates and builds a model from a checkpoint folder (either layout).
+    `dense_dtype="int8"` keeps the attention projections and the unembedding in 8 bits
+    (`GptOss.quantize_dense`)."""
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"unknown dense dtype {dense_dtype!r}; choose from {DENSE_DTYPES}")
     if isinstance(dtype, str):
         if dtype == "auto":
             dtype = "bfloat16"
@@ -191,4 +214,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)} or auto")
         dtype = DTYPES[dtype]
     ckpt = read_checkpoint(path, layout, progress=progress)  # type: ignore[arg-type]
-    return GptOss.from_checkpoint(ckpt, dtype, device)
+    model = GptOss.from_checkpoint(ckpt, dtype, device)
+    if dense_dtype == "int8":
+        model.quantize_dense()
+    return model

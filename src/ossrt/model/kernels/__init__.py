@@ -95,6 +95,19 @@ def dequant_bf16(blocks: torch.Tensor, scales: torch.Tensor,
     return _load().dequant_bf16(blocks, scales, out)
 
 
+def q8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T (+ bias) -> [M, N] float32 for an 8-bit W (`layers.Q8Weight`): wq
+    [N, K] uint8 (value + 128), ws [N, K/32] float32; x is quantized to 8 bits per 32-block."""
+    return _load().q8_linear(x, wq, ws, bias)
+
+
+def q8_dequant_bf16(wq: torch.Tensor, ws: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit W -> [N, K] bf16 (into `out` when given), equal to `Q8Weight.dequantize`."""
+    return _load().q8_dequant_bf16(wq, ws, out)
+
+
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ w [N, K] bf16 (+ bias) -> [M, N] float32, accumulated in fp32."""
     return _load().bf16_linear(x, w, bias)

@@ -594,6 +594,142 @@ torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
   return out;
 }
 
+// ---- 8-bit dense weights (opt-in `--dense-dtype int8`) -------------------------------------------
+// A weight W [N, K] is kept as wq [N, K] uint8 = round(W / d) + 128 and ws [N, K/32] fp32 = d,
+// one scale per 32-block (d = max|W_block| / 127): llama.cpp's q8_0 with an fp32 scale and the
+// values offset by 128, so that they are the unsigned operand of vpdpbusd. Within each run of 16
+// blocks (512 values) the bytes are interleaved (`layers.Q8Weight`): byte 64 t + 4 l + i is value
+// 4 t + i of block l, so that after 8 vpdpbusd steps lane l of the accumulator holds block l's
+// whole integer dot product, and one multiply by 16 scales finishes 16 blocks. Blocks after the
+// last whole run of 16 keep the plain order. x is quantized the same way (signed, scale dx):
+//   y[n] = bias[n] + sum_b ws[n, b] dx_b (sum_j wq[n, 32b+j] xq[32b+j] - 128 sum_j xq[32b+j]).
+// x [M, K] bf16 -> [M, N] float32. Each block's integer dot is exact; the rest is fp32.
+struct Q8Act {  // one row of x, quantized in the weights' byte order
+  std::vector<int8_t> q;
+  std::vector<float> d;      // [K/32] dx per block
+  std::vector<int32_t> c;    // [K/32] -128 * sum(xq of the block)
+};
+
+static inline int64_t q8_pos(int64_t k, int64_t G16) {  // value k -> its byte in a row
+  const int64_t b = k / 32, j = k % 32;
+  if (b >= 16 * G16) return k;
+  return (b / 16) * 512 + (j / 4) * 64 + (b % 16) * 4 + j % 4;
+}
+
+static void quantize_act(const uint16_t* x, int64_t K, Q8Act& a) {
+  const int64_t G = K / 32, G16 = G / 16;
+  a.q.resize(K);
+  a.d.resize(G);
+  a.c.resize(G);
+  for (int64_t b = 0; b < G; ++b) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(bf16_to_f32(x[b * 32 + j])));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int v = static_cast<int>(std::nearbyint(bf16_to_f32(x[b * 32 + j]) * inv));
+      const int8_t q = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+      a.q[q8_pos(b * 32 + j, G16)] = q;
+      sum += q;
+    }
+    a.d[b] = d;
+    a.c[b] = -128 * sum;
+  }
+}
+
+static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, const Q8Act& a) {
+  const int64_t G = K / 32, G16 = G / 16;
+  const int8_t* xq = a.q.data();
+  const float* dx = a.d.data();
+  const int32_t* cx = a.c.data();
+  int64_t b = 0;
+  float total = 0.f;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G16; ++g, b += 16) {
+    const uint8_t* wg = w + g * 512;
+    const int8_t* xg = xq + g * 512;
+    __m512i acc = _mm512_loadu_si512(cx + b);
+    for (int t = 0; t < 8; ++t)
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(wg + 64 * t), _mm512_loadu_si512(xg + 64 * t));
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
+                          _mm512_mul_ps(_mm512_loadu_ps(ws + b), _mm512_loadu_ps(dx + b)), tot);
+  }
+  total = _mm512_reduce_add_ps(tot);
+#else
+  for (; b < 16 * G16; ++b) {  // interleaved runs, scalar
+    int32_t dot = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int64_t p = q8_pos(b * 32 + j, G16);
+      dot += static_cast<int32_t>(w[p]) * xq[p];
+    }
+    total += ws[b] * dx[b] * static_cast<float>(dot + cx[b]);
+  }
+#endif
+  for (; b < G; ++b) {  // plain tail
+    // sum w*x - 128 sum x, as the vector path does. (Written as sum (w - 128) x, GCC 12 turned
+    // such a loop into vpdpbusd with w - 128 wrapped to an unsigned byte: wrong for w < 128.)
+    int32_t dot = 0;
+    for (int j = 0; j < 32; ++j) dot += static_cast<int32_t>(w[b * 32 + j]) * xq[b * 32 + j];
+    total += ws[b] * dx[b] * static_cast<float>(dot + cx[b]);
+  }
+  return total;
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws,
+                        c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
+  TORCH_CHECK(wq.dim() == 2 && wq.scalar_type() == torch::kUInt8 && wq.is_contiguous(),
+              "wq must be a contiguous [N, K] uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  TORCH_CHECK(wq.size(1) == K && K % 32 == 0, "wq must be [N, K] with K a multiple of 32");
+  TORCH_CHECK(ws.scalar_type() == torch::kFloat32 && ws.is_contiguous() && ws.dim() == 2 &&
+              ws.size(0) == N && ws.size(1) == K / 32, "ws must be a contiguous [N, K/32] float32");
+  x = x.contiguous();
+  torch::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    b32 = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b32.numel() == N, "bias must be [N]");
+    bp = b32.data_ptr<float>();
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<Q8Act> acts(M);
+  for (int64_t m = 0; m < M; ++m) quantize_act(xp + m * K, K, acts[m]);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* sp = ws.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = q8_row_dot(wp + n * K, sp + n * (K / 32), K, acts[m]) + (bp ? bp[n] : 0.f);
+  });
+  return y;
+}
+
+// wq [N, K] uint8, ws [N, K/32] -> W [N, K] bf16 (for torch's GEMM on many rows: prefill).
+torch::Tensor q8_dequant_bf16(torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> out_opt) {
+  TORCH_CHECK(wq.dim() == 2 && wq.scalar_type() == torch::kUInt8 && wq.is_contiguous() &&
+              ws.scalar_type() == torch::kFloat32 && ws.is_contiguous() &&
+              ws.numel() * 32 == wq.numel(), "wq [N, K] uint8, ws [N, K/32] float32");
+  torch::Tensor out = out_opt.has_value() ? *out_opt
+                                          : torch::empty(wq.sizes(), wq.options().dtype(torch::kBFloat16));
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() &&
+              out.numel() == wq.numel(), "out must be a contiguous bf16 tensor of wq's size");
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* sp = ws.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t N = wq.size(0), K = wq.size(1), G = K / 32, G16 = G / 16;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        op[n * K + k] = f32_to_bf16(
+            static_cast<float>(static_cast<int>(wp[n * K + q8_pos(k, G16)]) - 128) * sp[n * G + k / 32]);
+  });
+  return out.view(wq.sizes());
+}
+
 // ---- decode attention over a paged cache ---------------------------------------------------------
 // One query token per sequence attending over keys gathered by slot (no copy of the cache):
 // q [Hq, D] bf16; kc, vc [slots, Hkv, D] bf16; slots [S] int64 (all visible); sinks [Hq];
@@ -677,5 +813,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
   m.def("dequant_bf16", &dequant_bf16, "MXFP4 -> bf16, whole matrices (CPU)",
         py::arg("blocks"), py::arg("scales"), py::arg("out") = py::none());
+  m.def("q8_linear", &q8_linear, "8-bit dense linear layer for few rows (CPU)");
+  m.def("q8_dequant_bf16", &q8_dequant_bf16, "8-bit dense weight -> bf16 (CPU)",
+        py::arg("wq"), py::arg("ws"), py::arg("out") = py::none());
   m.def("moe_rows", &moe_rows, "MoE feed-forward of a few tokens, grouped by expert (CPU)");
 }
