@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list: context before decode")
     ap.add_argument("--batched", type=int_list, default=[1, 4, 8],
                     help="comma list of batch sizes ('' for none)")
+    ap.add_argument("--ossrt-dense", choices=["bfloat16", "int8"], default="bfloat16",
+                    help="ossrt's dense weights (`ossrt bench --dense-dtype`)")
     ap.add_argument("--reps", type=int, default=2, help="llama.cpp repetitions (after a warm-up)")
     ap.add_argument("--skip-peer", action="store_true", help="no llama.cpp run")
     ap.add_argument("--peer-json", type=Path, help="reuse a saved llama.cpp result")
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--prompt-tokens", str(p["prompt_tokens"]),
                    "--decode-tokens", str(a.decode_tokens),
                    "--decode-prompt-tokens", str(p["decode_prompt_tokens"]),
-                   "--concurrency", ",".join(map(str, p["concurrency"])), "--threads", str(a.threads)]
+                   "--concurrency", ",".join(map(str, p["concurrency"])), "--threads", str(a.threads),
+                   "--dense-dtype", a.ossrt_dense]
             runs.append({"command": " ".join(cmd), "params": p, "result": run_json(cmd, commands)})
             save(a.out, "ossrt.json", {"runs": runs})
         ossrt = {"runs": runs}
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- llama.cpp: {settings(peer, {'threads': 'threads', 'dense': 'model.dense', 'reps': 'reps'})}"
         "; prefill and decode are means of the reps after an untimed warm-up repetition, "
         "batched decode one sample",
-        f"- ossrt: {settings(ossrt, {'threads': 'threads', 'dtype': 'dtype'})}, MXFP4 experts; "
+        f"- ossrt: {settings(ossrt, {'threads': 'threads', 'dtype': 'dtype', 'dense': 'dense_dtype'})}, MXFP4 experts; "
         "one sample per figure, its prefill without a warm-up",
         f"- decode steps per figure: {a.decode_tokens}; peak RSS counts mapped file pages for "
         "both (llama.cpp also keeps repacked copies of the experts)",
