@@ -46,7 +46,8 @@ def test_fallback_when_kernels_are_switched_off() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 50, 64), (2, 33, 96), (5, 17, 32), (1, 9, 40)])
+@pytest.mark.parametrize("m,n,k", [(1, 50, 64), (2, 33, 96), (5, 17, 32), (1, 9, 40), (3, 8, 160),
+                                   (4, 33, 2880), (8, 6, 64), (9, 7, 96), (17, 5, 32)])
 def test_bf16_linear_matches_float64(m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(m * 7 + n)
     x = torch.randn(m, k, generator=g).bfloat16()

@@ -22,7 +22,8 @@ _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
 _MOE_ROWS_MAX = 64  # up to this many tokens, the whole MoE is one native call (moe_rows)
 _KERNEL_MAX_ROWS = 4  # up to this many tokens per expert, read MXFP4 directly (GEMV regime);
 # more, and the expert is dequantized to bf16 for torch's GEMM (measured crossover: 4-8 rows)
-_GEMV_MAX_ROWS = 2  # bf16 dense layers with this few rows use the native GEMV
+_GEMV_MAX_ROWS = 4  # bf16 dense layers with this few rows use the native GEMV (measured:
+# at 8 rows torch's GEMM is as fast)
 _Q8_GEMV_MAX_ROWS = 16  # 8-bit dense layers: native GEMV up to this many rows, then bf16 GEMM
 
 

@@ -94,8 +94,55 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 
 // bf16 linear layer for a few rows: y[m, n] = bias[n] + sum_k w[n, k] x[m, k], fp32 accumulation.
 // x [M, K] bf16, w [N, K] bf16 (row-major), bias [N] or none; returns [M, N] float32.
-// With AVX512-BF16 each 32-wide step is one dot-product instruction per row of x, so reading
-// w once dominates (bandwidth-bound); elsewhere it falls back to at::linear.
+// With AVX512-BF16 each 32-wide step is one dot-product instruction per row of x, and each weight
+// row is read once for up to 8 rows of x (R accumulator pairs in registers: R is a template
+// argument so that they never spill), so reading w dominates (bandwidth-bound); elsewhere it
+// falls back to at::linear.
+#if defined(__AVX512BF16__)
+template <int R>
+static inline void bf16_row_dot(const uint16_t* wr, const uint16_t* x, int64_t K, float* out) {
+  __m512 a0[R], a1[R];
+  for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+    for (int i = 0; i < R; ++i) {
+      a0[i] = _mm512_dpbf16_ps(a0[i], w0, (__m512bh)_mm512_loadu_si512(x + i * K + k));
+      a1[i] = _mm512_dpbf16_ps(a1[i], w1, (__m512bh)_mm512_loadu_si512(x + i * K + k + 32));
+    }
+  }
+  for (; k < K; k += 32) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+    for (int i = 0; i < R; ++i)
+      a0[i] = _mm512_dpbf16_ps(a0[i], w0, (__m512bh)_mm512_loadu_si512(x + i * K + k));
+  }
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+// Two weight rows against R rows of x (R >= 3): each x load feeds two dot products, halving the
+// traffic of x (which, at 8 rows of 2,880, no longer fits L1) per weight byte.
+template <int R>
+static inline void bf16_row2_dot(const uint16_t* w0r, const uint16_t* w1r, const uint16_t* x,
+                                 int64_t K, float* out0, float* out1) {
+  __m512 a[R], b[R];
+  for (int i = 0; i < R; ++i) a[i] = b[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w0r + k);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w1r + k);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+      a[i] = _mm512_dpbf16_ps(a[i], w0, xv);
+      b[i] = _mm512_dpbf16_ps(b[i], w1, xv);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    out0[i] = _mm512_reduce_add_ps(a[i]);
+    out1[i] = _mm512_reduce_add_ps(b[i]);
+  }
+}
+#endif
+
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16,
@@ -115,22 +162,53 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
       b32 = bias->to(torch::kFloat32).contiguous();
       bp = b32.data_ptr<float>();
     }
+    if (M >= 3) {  // pairs of weight rows (N is split on even boundaries)
+      at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
+        float d0[8], d1[8];
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = 2 * p, n2 = std::min(n + 1, N - 1);  // odd N: last row twice
+          const uint16_t* w0r = wp + n * K;
+          const uint16_t* w1r = wp + n2 * K;
+          for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int64_t mc = std::min<int64_t>(8, M - m0);
+            const uint16_t* xr = xp + m0 * K;
+            switch (mc) {
+              case 1: bf16_row2_dot<1>(w0r, w1r, xr, K, d0, d1); break;
+              case 2: bf16_row2_dot<2>(w0r, w1r, xr, K, d0, d1); break;
+              case 3: bf16_row2_dot<3>(w0r, w1r, xr, K, d0, d1); break;
+              case 4: bf16_row2_dot<4>(w0r, w1r, xr, K, d0, d1); break;
+              case 5: bf16_row2_dot<5>(w0r, w1r, xr, K, d0, d1); break;
+              case 6: bf16_row2_dot<6>(w0r, w1r, xr, K, d0, d1); break;
+              case 7: bf16_row2_dot<7>(w0r, w1r, xr, K, d0, d1); break;
+              default: bf16_row2_dot<8>(w0r, w1r, xr, K, d0, d1); break;
+            }
+            for (int64_t i = 0; i < mc; ++i) {
+              yp[(m0 + i) * N + n] = d0[i] + (bp ? bp[n] : 0.f);
+              if (n2 != n) yp[(m0 + i) * N + n2] = d1[i] + (bp ? bp[n2] : 0.f);
+            }
+          }
+        }
+      });
+      return y;
+    }
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      float dot[8];
       for (int64_t n = n0; n < n1; ++n) {
         const uint16_t* wr = wp + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
           const int64_t mc = std::min<int64_t>(8, M - m0);
-          __m512 a[8];
-          for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; k += 32) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
-            for (int64_t i = 0; i < mc; ++i) {
-              __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + (m0 + i) * K + k);
-              a[i] = _mm512_dpbf16_ps(a[i], wv, xv);
-            }
+          const uint16_t* xr = xp + m0 * K;
+          switch (mc) {
+            case 1: bf16_row_dot<1>(wr, xr, K, dot); break;
+            case 2: bf16_row_dot<2>(wr, xr, K, dot); break;
+            case 3: bf16_row_dot<3>(wr, xr, K, dot); break;
+            case 4: bf16_row_dot<4>(wr, xr, K, dot); break;
+            case 5: bf16_row_dot<5>(wr, xr, K, dot); break;
+            case 6: bf16_row_dot<6>(wr, xr, K, dot); break;
+            case 7: bf16_row_dot<7>(wr, xr, K, dot); break;
+            default: bf16_row_dot<8>(wr, xr, K, dot); break;
           }
-          for (int64_t i = 0; i < mc; ++i)
-            yp[(m0 + i) * N + n] = _mm512_reduce_add_ps(a[i]) + (bp ? bp[n] : 0.f);
+          for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n] = dot[i] + (bp ? bp[n] : 0.f);
         }
       }
     });
@@ -218,6 +296,20 @@ static inline __m512 scales4(const uint8_t* s) {  // 2^(s-127) per lane; s=0: 2^
                                _mm512_castps128_ps512(f));
 }
 
+// 2^(s-127) for the G scale bytes of a row, 16 at a time (s=0: 2^-127, 255: NaN) -> out [G].
+static inline void row_scales(const uint8_t* s, int64_t G, float* out) {
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 m = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s + g));
+    __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    f = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), f,
+                             _mm512_set1_ps(g_scale_of[0]));
+    f = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255)), f,
+                             _mm512_set1_ps(NAN));
+    _mm512_mask_storeu_ps(out + g, m, f);
+  }
+}
+
 // R rows of x against one packed row: each step of 4 blocks is decoded once and dotted with
 // every row (same arithmetic per row as R = 1, so results do not depend on R).
 template <int R>
@@ -228,6 +320,9 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
   __m512 a0[R], a1[R];
   for (int i = 0; i < R; ++i) a0[i] = a1[i] = zero;
   const int64_t C = G / 4;
+  float sf[G];  // G <= a few hundred (K / 32)
+  row_scales(srow, G, sf);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t c = 0; c < C; ++c) {
     _mm_prefetch(reinterpret_cast<const char*>(brow + c * 64 + OSSRT_PF), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(brow + c * 64);
@@ -235,7 +330,7 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
     const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
     const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
     const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
-    const __m512 sv = scales4(srow + 4 * c);
+    const __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sf + 4 * c)));
     for (int i = 0; i < R; ++i) {
       const uint16_t* xc = xperm[i] + c * 128;
       __m512 pa = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
@@ -248,7 +343,7 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
   }
   for (int64_t g = 4 * C; g < G; ++g) {
     const __m512bh wb = (__m512bh)decode_block_bf16(brow + g * 16, lut);
-    const __m512 s = _mm512_set1_ps(g_scale_of[srow[g]]);
+    const __m512 s = _mm512_set1_ps(sf[g]);
     for (int i = 0; i < R; ++i) {
       __m512 p = _mm512_dpbf16_ps(zero, wb, (__m512bh)_mm512_loadu_si512(x[i] + g * 32));
       a0[i] = _mm512_fmadd_ps(p, s, a0[i]);
