@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import kernels
+from ..model import hugepages
 from ..model.config import FULL, SLIDING, GptOssConfig
 from ..model.layers import attend
 from .kv_cache import BlockTable, KVCacheSpec
@@ -36,8 +37,7 @@ class PagedKVStorage:
         for g in GROUPS:
             shape = (counts[g], blocks[g] * spec.block_size, cfg.num_key_value_heads,
                      cfg.head_dim)
-            self.k[g] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[g] = torch.zeros(shape, dtype=dtype, device=device)
+            self.k[g], self.v[g] = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
 
     @staticmethod
     def bytes_per_block(cfg: GptOssConfig, group: str, block_size: int,
@@ -45,6 +45,13 @@ class PagedKVStorage:
         layers = sum(1 for t in cfg.layer_types if t == group)
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros; on the CPU resident only as blocks are first written (and in huge pages)."""
+    if torch.device(device).type == "cpu":
+        return hugepages.empty(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True, slots=True)
