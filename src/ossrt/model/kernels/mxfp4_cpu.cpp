@@ -12,6 +12,13 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#ifndef OSSRT_PF
+#define OSSRT_PF 2048  // bytes ahead in the packed MXFP4 rows; measured 1-2 KiB best here
+#endif
+#ifndef OSSRT_PF_BF16
+#define OSSRT_PF_BF16 4096  // bytes ahead in the bf16 weight rows (measured)
+
+#endif
 
 static const float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
                                 -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
@@ -105,6 +112,8 @@ static inline void bf16_row_dot(const uint16_t* wr, const uint16_t* x, int64_t K
   for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(wr + k) + OSSRT_PF_BF16, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wr + k) + OSSRT_PF_BF16 + 64, _MM_HINT_T0);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
     for (int i = 0; i < R; ++i) {
@@ -128,6 +137,8 @@ static inline void bf16_row2_dot(const uint16_t* w0r, const uint16_t* w1r, const
   __m512 a[R], b[R];
   for (int i = 0; i < R; ++i) a[i] = b[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0r + k) + OSSRT_PF_BF16, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1r + k) + OSSRT_PF_BF16, _MM_HINT_T0);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w0r + k);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w1r + k);
     for (int i = 0; i < R; ++i) {
@@ -250,9 +261,6 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kep
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define OSSRT_BF16_MXFP4 1
-#ifndef OSSRT_PF
-#define OSSRT_PF 2048  // bytes ahead: the packed rows stream; measured 1-2 KiB best here
-#endif
 static inline __m512i decode_block_bf16(const uint8_t* b16, __m512i lut) {
   // dword k = byte k; word 2k = its low nibble, word 2k+1 its high nibble: weight order.
   __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b16)));
