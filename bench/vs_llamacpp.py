@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "; prefill and decode are means of the reps after an untimed warm-up repetition, "
         "batched decode one sample",
         f"- ossrt: {settings(ossrt, {'threads': 'threads', 'dtype': 'dtype', 'dense': 'dense_dtype'})}, MXFP4 experts; "
-        "one sample per figure, its prefill without a warm-up",
+        "one sample per figure, after an untimed prefill of the same size",
         f"- decode steps per figure: {a.decode_tokens}; peak RSS counts mapped file pages for "
         "both (llama.cpp also keeps repacked copies of the experts)",
         *(f"- {n}" for n in notes),

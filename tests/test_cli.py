@@ -226,3 +226,24 @@ def test_console_script_generate(ckpt, capsys, tmp_path):
     assert sub["token_ids"] == inproc["token_ids"]
     assert sub["prompt_token_ids"] == inproc["prompt_token_ids"]
     assert "Traceback" not in r.stderr
+
+
+def test_bench_reports_every_phase(ckpt, capsys, monkeypatch):
+    from ossrt import bench
+
+    prefills: list[int] = []
+    real = bench._prefill
+    monkeypatch.setattr(bench, "_prefill",
+                        lambda engine, n, seed=1: prefills.append(n) or real(engine, n, seed))
+    capsys.readouterr()
+    assert main(["bench", "--model", str(ckpt), "--prompt-tokens", "24", "--decode-tokens", "5",
+                 "--decode-prompt-tokens", "8", "--concurrency", "1,3", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert prefills == [24, 24]  # an untimed warm-up, then the timed prefill
+    assert res["prefill"]["prompt_tokens"] == 24 and res["prefill"]["prefill_tok_s"] > 0
+    assert [d["concurrency"] for d in res["decode"]] == [1, 3]
+    for d in res["decode"]:
+        assert d["decode_steps"] == 5  # every sequence decoded its tokens together
+        assert d["decode_tok_s_aggregate"] == pytest.approx(
+            d["decode_tok_s_per_seq"] * d["concurrency"], rel=0.01)
+    assert res["peak_rss_gib"] > 0 and res["load_s"] >= 0

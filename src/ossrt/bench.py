@@ -2,7 +2,9 @@
 
 Measures, with random prompt ids (speed does not depend on the text):
 - load time of the model;
-- prefill: one request of `prompt_tokens`, time to its first token (TTFT) and prefill tok/s;
+- prefill: one request of `prompt_tokens`, time to its first token (TTFT) and prefill tok/s,
+  after one untimed request of the same size (first-touch costs: thread pools, allocator, caches;
+  llama.cpp's benchmarks warm up the same way);
 - decode at each concurrency c: c sequences decoding together, aggregate and per-sequence tok/s
   (timed from the step after every sequence has its first token);
 - peak RSS of the process.
@@ -26,8 +28,9 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, 200000, (n,), generator=g).tolist()
 
 
-def _prefill(engine: LLMEngine, n: int) -> dict[str, float]:
-    engine.add_request("prefill", _prompt(n, 1), SamplingParams(temperature=0, max_tokens=1))
+def _prefill(engine: LLMEngine, n: int, seed: int = 1) -> dict[str, float]:
+    engine.add_request(f"prefill-{seed}", _prompt(n, seed),
+                       SamplingParams(temperature=0, max_tokens=1))
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -68,6 +71,7 @@ def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
                                            max_num_batched_tokens=max(prompt_tokens, 256),
                                            kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
                                            enable_prefix_caching=False))
+    _prefill(engine, prompt_tokens, seed=2)  # warm-up, untimed
     result: dict[str, Any] = {
         "model": model_dir, "dtype": str(model.dtype).removeprefix("torch."),
         "dense_dtype": model.dense_dtype,
