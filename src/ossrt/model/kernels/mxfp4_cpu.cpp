@@ -341,12 +341,12 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
     const __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sf + 4 * c)));
     for (int i = 0; i < R; ++i) {
       const uint16_t* xc = xperm[i] + c * 128;
-      __m512 pa = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
-      __m512 pb = _mm512_dpbf16_ps(zero, w1, (__m512bh)_mm512_loadu_si512(xc + 32));
-      pa = _mm512_dpbf16_ps(pa, w2, (__m512bh)_mm512_loadu_si512(xc + 64));
-      pb = _mm512_dpbf16_ps(pb, w3, (__m512bh)_mm512_loadu_si512(xc + 96));
-      if (c & 1) a1[i] = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a1[i]);
-      else a0[i] = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), sv, a0[i]);
+      __m512 p = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
+      p = _mm512_dpbf16_ps(p, w1, (__m512bh)_mm512_loadu_si512(xc + 32));
+      p = _mm512_dpbf16_ps(p, w2, (__m512bh)_mm512_loadu_si512(xc + 64));
+      p = _mm512_dpbf16_ps(p, w3, (__m512bh)_mm512_loadu_si512(xc + 96));
+      if (c & 1) a1[i] = _mm512_fmadd_ps(p, sv, a1[i]);
+      else a0[i] = _mm512_fmadd_ps(p, sv, a0[i]);
     }
   }
   for (int64_t g = 4 * C; g < G; ++g) {
