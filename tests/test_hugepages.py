@@ -96,3 +96,18 @@ def test_model_in_hugepages_computes_the_same(tmp_path: Path, monkeypatch, dense
             assert t.data_ptr() % hugepages.HUGE == 0, "a weight was left in the mapping"
             assert not any(a <= t.data_ptr() < b for a, b in files)
     assert torch.equal(model.logits(model(ids)), want)
+
+
+@needs_thp
+def test_weights_that_do_not_fit_stay_mapped(tmp_path: Path, monkeypatch) -> None:
+    write_checkpoint(preset("tiny").replace(vocab_size=2048), tmp_path, seed=3)
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
+    monkeypatch.setattr(hugepages, "available_bytes", lambda: 1 << 14)  # 16 KiB free
+    model = load_model(tmp_path, progress=False)
+    files = hugepages.file_mappings()
+    assert any(a <= model.unembed.data_ptr() < b for a, b in files)
+    assert not model.to_hugepages()
+
+
+def test_available_memory_is_read() -> None:
+    assert hugepages.available_bytes() > 1 << 26

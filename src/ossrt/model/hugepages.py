@@ -36,6 +36,18 @@ def enabled() -> bool:
         return False
 
 
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free memory plus reclaimable caches); 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def release(t: torch.Tensor) -> None:
     """Drops the whole pages inside contiguous `t`'s bytes from this process's resident set.
     Only for a file mapping that is never written (its pages come back from the file if touched

@@ -9,6 +9,7 @@ Dense weights are used in the compute dtype; expert weights stay MXFP4-packed. O
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from .layers import YarnRope, attend, linear, moe, rms_norm
 from .loader import Checkpoint, read_checkpoint
 from .lora import LoraBatch
 from .q8 import Q8Weight
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -160,13 +163,22 @@ class GptOss(nn.Module):
         self.unembed = q8
         self.dense_dtype = "int8"
 
-    def to_hugepages(self) -> None:
+    def to_hugepages(self) -> bool:
         """CPU only: moves every large weight (parameters, expert buffers, 8-bit weights) into
         transparent huge pages, where decode streams it about twice as fast as from the
         checkpoint's 4 KiB page-cache mapping; the mapping's pages are released as each tensor
-        is copied, so no weight is resident twice (`hugepages`)."""
+        is copied, so no weight is resident twice (`hugepages`). Skipped (False) where the
+        weights would not fit in available memory: mapped, they can still be paged."""
         if self.device.type != "cpu" or not hugepages.enabled():
-            return
+            return False
+        weights = [*self.parameters(), *self.buffers()]
+        weights += [t for m in self.modules() for w in vars(m).values() if isinstance(w, Q8Weight)
+                    for t in (w.q, w.scale)]
+        need = sum(t.numel() * t.element_size() for t in weights)
+        if need > 0.9 * hugepages.available_bytes():
+            log.warning("weights (%.1f GiB) do not fit in available memory: left memory-mapped",
+                        need / 2**30)
+            return False
         files = hugepages.file_mappings()
         for module in self.modules():
             for p in module.parameters(recurse=False):
@@ -177,6 +189,7 @@ class GptOss(nn.Module):
                 if isinstance(w, Q8Weight):
                     setattr(module, name, Q8Weight(hugepages.to_hugepages(w.q, files),
                                                    hugepages.to_hugepages(w.scale, files)))
+        return True
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
