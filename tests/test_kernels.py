@@ -159,8 +159,11 @@ def test_moe_single_token_keeps_router_adjust(monkeypatch) -> None:
     assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
 
 
-@pytest.mark.parametrize("hq,hkv,d,s", [(8, 2, 64, 37), (4, 4, 16, 1), (6, 3, 24, 130)])
-def test_attn_decode_matches_reference(hq, hkv, d, s) -> None:
+@pytest.mark.parametrize("hq,hkv,d,s,qscale", [
+    (8, 2, 64, 37, 1.0), (4, 4, 16, 1, 1.0), (6, 3, 24, 130, 1.0),
+    # head size 64 (the gpt-oss path): 1 key, key chunks with tails, G = 8, peaked softmax
+    (8, 8, 64, 1, 1.0), (16, 2, 64, 300, 1.0), (64, 8, 64, 129, 1.0), (8, 1, 64, 257, 30.0)])
+def test_attn_decode_matches_reference(hq, hkv, d, s, qscale) -> None:
     """Decode attention read in place by slot against attend_reference on gathered keys
     (slots scattered and unordered, as a block table makes them; D not a multiple of 16)."""
     from ossrt.model.layers import attend_reference
@@ -170,7 +173,7 @@ def test_attn_decode_matches_reference(hq, hkv, d, s) -> None:
     kc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
     vc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
     slots = torch.randperm(nslots, generator=g)[:s]
-    q = torch.randn(hq, d, generator=g).bfloat16()
+    q = (torch.randn(hq, d, generator=g) * qscale).bfloat16()
     sinks = torch.randn(hq, generator=g).bfloat16()
     scale = d ** -0.5
     got = kernels.attn_decode(q, kc, vc, slots, sinks, scale)
@@ -178,6 +181,25 @@ def test_attn_decode_matches_reference(hq, hkv, d, s) -> None:
                            vc[slots][None].double(), sinks.double(), s - 1, 0, None, scale)[0, 0]
     assert got.dtype == torch.bfloat16 and got.shape == (hq, d)
     assert torch.allclose(got.double(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_attn_decode_probabilities_to_one_bf16_ulp() -> None:
+    """With V = identity rows, the output is the softmax itself: every probability within one
+    bf16 step of the float64 value (catches a loose exp, not just a wrong sum)."""
+    from ossrt.model.layers import attend_reference
+
+    g = torch.Generator().manual_seed(11)
+    s, d, hq = 60, 64, 8
+    kc = (torch.randn(s, 1, d, generator=g) * 3).bfloat16()
+    vc = torch.eye(s, d).view(s, 1, d).bfloat16()
+    q = torch.randn(hq, d, generator=g).bfloat16()
+    sinks = torch.randn(hq, generator=g).bfloat16()
+    slots = torch.arange(s)
+    got = kernels.attn_decode(q, kc, vc, slots, sinks, d ** -0.5).double()
+    ref = attend_reference(q[None, None].double(), kc[None].double(), vc[None].double(),
+                           sinks.double(), s - 1, 0, None, d ** -0.5)[0, 0]
+    assert ref[:, :s].sum(-1).lt(1).all() and ref.max() > 0.1  # a spread, peaked softmax
+    assert ((got - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-30).all()
 
 
 def test_mxfp4_linear_bf16_four_block_steps_and_scale_edges() -> None:

@@ -837,11 +837,114 @@ torch::Tensor q8_dequant_bf16(torch::Tensor wq, torch::Tensor ws, c10::optional<
 // One query token per sequence attending over keys gathered by slot (no copy of the cache):
 // q [Hq, D] bf16; kc, vc [slots, Hkv, D] bf16; slots [S] int64 (all visible); sinks [Hq];
 // out [Hq, D] bf16 = softmax([q k_s * scale]_s, sink) v, the sink only in the denominator.
-// Scores, softmax and the weighted sum stay in fp32. Parallel over query heads.
+// Scores, softmax and the weighted sum stay in fp32. Head size 64 (gpt-oss) with AVX512-BF16:
+// `attn_decode_d64`, parallel over KV heads; otherwise a plain loop, parallel over query heads.
 #if defined(__AVX512F__)
 static inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// e^x for x <= 0 in fp32 (relative error ~1e-7): x = n ln2 + r, |r| <= ln2/2, a degree-7
+// polynomial for e^r, times 2^n by vscalefps (underflows to 0 below about -104).
+static inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 y = _mm512_set1_ps(1.f / 5040.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// D == 64: the G query heads of KV head `kvh` together, keys in chunks of kChunk, so that a
+// chunk's K and V rows are read from memory once and reused from L1 by every head. Scores are
+// vdpbf16ps dot products (bf16 q and k, exact products, fp32 sums); softmax and the weighted
+// sum of V in fp32, exp vectorized. p [G * S] scratch.
+static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp,
+                            const int64_t* sl, int64_t S, int64_t Hkv, int64_t kvh, int64_t G,
+                            const float* skp, float sc, uint16_t* op, float* p) {
+  constexpr int64_t D = 64, kChunk = 128;
+  for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
+    const int64_t i1 = std::min(S, i0 + kChunk);
+    for (int64_t j = 0; j < G; ++j) {
+      const uint16_t* qh = qp + (kvh * G + j) * D;
+      const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qh);
+      const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qh + 32);
+      float* pj = p + j * S;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint16_t* kr = kp + (sl[i] * Hkv + kvh) * D;
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
+        a = _mm512_dpbf16_ps(a, q1, (__m512bh)_mm512_loadu_si512(kr + 32));
+        pj[i] = _mm512_reduce_add_ps(a) * sc;
+      }
+    }
+  }
+  std::vector<float> denom(G);
+  for (int64_t j = 0; j < G; ++j) {  // p <- exp(p - max), denom = sum + the sink's share
+    float* pj = p + j * S;
+    const float sink = skp[kvh * G + j];
+    __m512 mv = _mm512_set1_ps(sink);
+    int64_t i = 0;
+    for (; i + 16 <= S; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(pj + i));
+    float m = _mm512_reduce_max_ps(mv);
+    for (; i < S; ++i) m = std::max(m, pj[i]);
+    const __m512 m16 = _mm512_set1_ps(m);
+    __m512 sv = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= S; i += 16) {
+      const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(pj + i), m16));
+      _mm512_storeu_ps(pj + i, e);
+      sv = _mm512_add_ps(sv, e);
+    }
+    if (i < S) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (S - i)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(
+          k, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, pj + i), m16)));
+      _mm512_mask_storeu_ps(pj + i, k, e);
+      sv = _mm512_add_ps(sv, e);
+    }
+    denom[j] = _mm512_reduce_add_ps(sv) + std::exp(sink - m);
+  }
+  alignas(64) float vf[kChunk * D];
+  std::vector<float> acc(G * D, 0.f);
+  for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
+    const int64_t i1 = std::min(S, i0 + kChunk);
+    for (int64_t i = i0; i < i1; ++i) {  // the chunk's V rows, once, in fp32
+      const uint16_t* vr = vp + (sl[i] * Hkv + kvh) * D;
+      for (int t = 0; t < 4; ++t) _mm512_store_ps(vf + (i - i0) * D + 16 * t, load_bf16x16(vr + 16 * t));
+    }
+    for (int64_t j = 0; j < G; ++j) {
+      const float* pj = p + j * S;
+      float* aj = acc.data() + j * D;
+      __m512 a0 = _mm512_loadu_ps(aj), a1 = _mm512_loadu_ps(aj + 16);
+      __m512 a2 = _mm512_loadu_ps(aj + 32), a3 = _mm512_loadu_ps(aj + 48);
+      for (int64_t i = i0; i < i1; ++i) {
+        const __m512 e = _mm512_set1_ps(pj[i]);
+        const float* v = vf + (i - i0) * D;
+        a0 = _mm512_fmadd_ps(e, _mm512_load_ps(v), a0);
+        a1 = _mm512_fmadd_ps(e, _mm512_load_ps(v + 16), a1);
+        a2 = _mm512_fmadd_ps(e, _mm512_load_ps(v + 32), a2);
+        a3 = _mm512_fmadd_ps(e, _mm512_load_ps(v + 48), a3);
+      }
+      _mm512_storeu_ps(aj, a0);
+      _mm512_storeu_ps(aj + 16, a1);
+      _mm512_storeu_ps(aj + 32, a2);
+      _mm512_storeu_ps(aj + 48, a3);
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    const float inv = 1.f / denom[j];
+    for (int64_t d = 0; d < D; ++d) op[(kvh * G + j) * D + d] = f32_to_bf16(acc[j * D + d] * inv);
+  }
 }
 #endif
 
@@ -866,6 +969,16 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const float* skp = sk.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (D == 64) {
+    at::parallel_for(0, Hkv, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> p(G * S);
+      for (int64_t g = g0; g < g1; ++g)
+        attn_decode_d64(qp, kp, vp, sl, S, Hkv, g, G, skp, sc, op, p.data());
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> p(S), qf(D), acc(D);
     for (int64_t h = h0; h < h1; ++h) {
