@@ -171,9 +171,9 @@ class GptOss(nn.Module):
         weights would not fit in available memory: mapped, they can still be paged."""
         if self.device.type != "cpu" or not hugepages.enabled():
             return False
-        weights = [*self.parameters(), *self.buffers()]
-        weights += [t for m in self.modules() for w in vars(m).values() if isinstance(w, Q8Weight)
-                    for t in (w.q, w.scale)]
+        q8 = [(m, name, w) for m in self.modules() for name, w in vars(m).items()
+              if isinstance(w, Q8Weight)]
+        weights = [*self.parameters(), *self.buffers(), *(t for *_, w in q8 for t in (w.q, w.scale))]
         need = sum(t.numel() * t.element_size() for t in weights)
         if need > 0.9 * hugepages.available_bytes():
             log.warning("weights (%.1f GiB) do not fit in available memory: left memory-mapped",
@@ -185,10 +185,9 @@ class GptOss(nn.Module):
                 p.data = hugepages.to_hugepages(p.data, files)
             for name, b in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = hugepages.to_hugepages(b, files)
-            for name, w in list(vars(module).items()):
-                if isinstance(w, Q8Weight):
-                    setattr(module, name, Q8Weight(hugepages.to_hugepages(w.q, files),
-                                                   hugepages.to_hugepages(w.scale, files)))
+        for module, name, w in q8:
+            setattr(module, name, Q8Weight(hugepages.to_hugepages(w.q, files),
+                                           hugepages.to_hugepages(w.scale, files)))
         return True
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
