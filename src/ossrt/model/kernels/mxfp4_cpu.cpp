@@ -360,6 +360,58 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
   for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 }
 
+// NR consecutive packed rows (brow, brow + G*16, ...; scales likewise) against one x: each x
+// vector is loaded once per step for all NR rows, which leaves the decode and the dot products
+// as the cost (measured in L2: 2.68 ns per 64 packed bytes for 1 row, 2.34 for 4). Per row the
+// arithmetic is exactly `row_dot4_rows<1>`'s, so results do not depend on NR.
+template <int NR>
+static inline void wrows_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                              const uint16_t* x, const uint16_t* xperm, __m512i lut, float* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) a0[r] = a1[r] = zero;
+  const int64_t C = G / 4, RB = G * 16;
+  // the rows after these NR lie next in memory: prefetch the same place NR rows on
+  // (sequentially, NR lines a step, as one stream)
+  const uint8_t* ahead = brow + (NR > 1 ? 3 * NR * RB : OSSRT_PF);
+  float sf[NR][G];
+  for (int r = 0; r < NR; ++r) row_scales(srow + r * G, G, sf[r]);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    const uint16_t* xc = xperm + c * 128;
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xc);
+    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xc + 32);
+    const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xc + 64);
+    const __m512bh x3 = (__m512bh)_mm512_loadu_si512(xc + 96);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b = brow + r * RB + c * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + c * NR * 64 + r * 64), _MM_HINT_T1);
+      const __m512i v = _mm512_loadu_si512(b);
+      const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, lut);
+      const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+      const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+      const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
+      const __m512 sv = _mm512_permutexvar_ps(spread,
+                                              _mm512_castps128_ps512(_mm_loadu_ps(sf[r] + 4 * c)));
+      __m512 p = _mm512_dpbf16_ps(zero, w0, x0);
+      p = _mm512_dpbf16_ps(p, w1, x1);
+      p = _mm512_dpbf16_ps(p, w2, x2);
+      p = _mm512_dpbf16_ps(p, w3, x3);
+      if (c & 1) a1[r] = _mm512_fmadd_ps(p, sv, a1[r]);
+      else a0[r] = _mm512_fmadd_ps(p, sv, a0[r]);
+    }
+  }
+  for (int64_t g = 4 * C; g < G; ++g) {
+    const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + g * 32);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wb = (__m512bh)decode_block_bf16(brow + r * RB + g * 16, lut);
+      const __m512 p = _mm512_dpbf16_ps(zero, wb, xb);
+      a0[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(sf[r][g]), a0[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
 static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
                              const uint16_t* x, const uint16_t* xperm, __m512i lut) {
   float out;
@@ -391,6 +443,20 @@ static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
 #else
   (void)xperm;
   return row_dot1_scalar(brow, srow, G, x);
+#endif
+}
+
+// out[r] = row_dot(brow + r*G*16, srow + r*G, G, x, xperm) for r < NR (consecutive rows).
+static inline void row_dot_wrows(const uint8_t* brow, const uint8_t* srow, int64_t G, int64_t NR,
+                                 const uint16_t* x, const uint16_t* xperm, float* out) {
+#if defined(OSSRT_BF16_MXFP4)
+  const __m512i lut = e2m1_bf16_lut();
+  int64_t r = 0;
+  for (; r + 4 <= NR; r += 4) wrows_dot4<4>(brow + r * G * 16, srow + r * G, G, x, xperm, lut, out + r);
+  for (; r < NR; ++r) wrows_dot4<1>(brow + r * G * 16, srow + r * G, G, x, xperm, lut, out + r);
+#else
+  for (int64_t r = 0; r < NR; ++r) out[r] = row_dot1_scalar(brow + r * G * 16, srow + r * G, G, x);
+  (void)xperm;
 #endif
 }
 
@@ -506,24 +572,32 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
   std::vector<uint16_t> xperm(H), aperm(K * I);
   permute_x4(xp, G1, xperm.data());
-  at::parallel_for(0, K * I2, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t e = ip[r / I2], n = e * I2 + r % I2;
-      hp[r] = row_dot(bp1 + n * G1 * 16, sp1 + n * G1, G1, xp, xperm.data()) + b1p[r];
+  // Pass 1 in groups of 4 consecutive gate/up rows of one expert (x loaded once per group).
+  const int64_t Q1 = (I2 + 3) / 4;  // groups per expert
+  at::parallel_for(0, K * Q1, 4, [&](int64_t g0, int64_t g1) {
+    float dot[4];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t j = g / Q1, i0 = (g % Q1) * 4, nr = std::min<int64_t>(4, I2 - i0);
+      const int64_t n = ip[j] * I2 + i0;
+      row_dot_wrows(bp1 + n * G1 * 16, sp1 + n * G1, G1, nr, xp, xperm.data(), dot);
+      for (int64_t r = 0; r < nr; ++r) hp[j * I2 + i0 + r] = dot[r] + b1p[j * I2 + i0 + r];
     }
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
   swiglu_rows(hp, K, I, G2, lim, alp, ap, aperm.data());
-  at::parallel_for(0, H, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      float acc = 0.f;
+  // Pass 2 in groups of 4 consecutive output rows, each summing its K experts in order.
+  at::parallel_for(0, (H + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+    float dot[4];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * 4, nr = std::min<int64_t>(4, H - n0);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t j = 0; j < K; ++j) {
-        const int64_t row = ip[j] * H + n;
-        acc += wp[j] * (row_dot(bp2 + row * G2 * 16, sp2 + row * G2, G2, ap + j * I,
-                                aperm.data() + j * I) +
-                        b2p[j * H + n]);
+        const int64_t row = ip[j] * H + n0;
+        row_dot_wrows(bp2 + row * G2 * 16, sp2 + row * G2, G2, nr, ap + j * I,
+                      aperm.data() + j * I, dot);
+        for (int64_t r = 0; r < nr; ++r) acc[r] += wp[j] * (dot[r] + b2p[j * H + n0 + r]);
       }
-      op[n] = acc;
+      for (int64_t r = 0; r < nr; ++r) op[n0 + r] = acc[r];
     }
   });
   return out;
