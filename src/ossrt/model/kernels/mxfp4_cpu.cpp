@@ -371,9 +371,9 @@ static inline void wrows_dot4(const uint8_t* brow, const uint8_t* srow, int64_t 
   __m512 a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) a0[r] = a1[r] = zero;
   const int64_t C = G / 4, RB = G * 16;
-  // the rows after these NR lie next in memory: prefetch the same place NR rows on
-  // (sequentially, NR lines a step, as one stream)
-  const uint8_t* ahead = brow + (NR > 1 ? 3 * NR * RB : OSSRT_PF);
+  // the rows after these NR lie next in memory: prefetch three groups on, NR lines a step,
+  // as one sequential stream
+  const uint8_t* ahead = brow + 3 * NR * RB;
   float sf[NR][G];
   for (int r = 0; r < NR; ++r) row_scales(srow + r * G, G, sf[r]);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -449,15 +449,12 @@ static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
 // out[r] = row_dot(brow + r*G*16, srow + r*G, G, x, xperm) for r < NR (consecutive rows).
 static inline void row_dot_wrows(const uint8_t* brow, const uint8_t* srow, int64_t G, int64_t NR,
                                  const uint16_t* x, const uint16_t* xperm, float* out) {
+  int64_t r = 0;
 #if defined(OSSRT_BF16_MXFP4)
   const __m512i lut = e2m1_bf16_lut();
-  int64_t r = 0;
   for (; r + 4 <= NR; r += 4) wrows_dot4<4>(brow + r * G * 16, srow + r * G, G, x, xperm, lut, out + r);
-  for (; r < NR; ++r) wrows_dot4<1>(brow + r * G * 16, srow + r * G, G, x, xperm, lut, out + r);
-#else
-  for (int64_t r = 0; r < NR; ++r) out[r] = row_dot1_scalar(brow + r * G * 16, srow + r * G, G, x);
-  (void)xperm;
 #endif
+  for (; r < NR; ++r) out[r] = row_dot(brow + r * G * 16, srow + r * G, G, x, xperm);
 }
 
 // out[i] = row_dot(brow, srow, G, x[i], xperm[i]) for i < M, each block decoded once per 4 rows.
