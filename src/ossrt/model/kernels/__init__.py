@@ -55,6 +55,14 @@ def available() -> bool:
     return _load() is not None
 
 
+def isa() -> str:
+    """The instruction set the kernels were built for: "avx512bf16", "avx2" (its MXFP4 dot
+    products quantize x to int16 per 32-block: error at most 2^-16 of the block's largest |x|
+    per value) or "portable"; "" when they are unavailable."""
+    mod = _load()
+    return mod.isa() if mod is not None else ""
+
+
 def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype; blocks [N, K/32, 16], scales [N, K/32] uint8."""

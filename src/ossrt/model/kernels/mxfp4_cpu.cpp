@@ -12,6 +12,10 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
+#define OSSRT_AVX2 1  // no AVX512-BF16: the AVX2 + FMA kernels of avx2.h
+#include "avx2.h"
+#endif
 #ifndef OSSRT_PF
 #define OSSRT_PF 2048  // bytes ahead in the packed MXFP4 rows; measured 1-2 KiB best here
 #endif
@@ -226,6 +230,32 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
     return y;
   }
 #endif
+#if defined(OSSRT_AVX2)
+  if (K % 16 == 0) {  // x converted to fp32 once, each weight row read once per 4 rows of x
+    x = x.contiguous();
+    w = w.contiguous();
+    auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+    float* yp = y.data_ptr<float>();
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    torch::Tensor b32;
+    const float* bp = nullptr;
+    if (bias.has_value()) {
+      b32 = bias->to(torch::kFloat32).contiguous();
+      bp = b32.data_ptr<float>();
+    }
+    std::vector<float> xs(M * K);
+    for (int64_t m = 0; m < M; ++m) ossrt_avx2::bf16_prep_x(xp + m * K, K, xs.data() + m * K);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      std::vector<float> dot(M);
+      for (int64_t n = n0; n < n1; ++n) {
+        ossrt_avx2::bf16_dot(wp + n * K, xs.data(), K, M, dot.data());
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot[m] + (bp ? bp[n] : 0.f);
+      }
+    });
+    return y;
+  }
+#endif
   return at::linear(x.to(torch::kFloat32), w.to(torch::kFloat32),
                     bias.has_value() ? c10::optional<torch::Tensor>(bias->to(torch::kFloat32))
                                      : c10::nullopt);
@@ -259,6 +289,32 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kep
   return static_cast<uint16_t>(u >> 16);
 }
 
+// x in the order the four-block step reads it (`wrows_dot4`): per 4 blocks (128 values),
+// out[32 t + w] = x[4 w + t]; values past the last multiple of 4 blocks are left unwritten.
+static inline void permute_x4(const uint16_t* x, int64_t G, uint16_t* out) {
+  for (int64_t c = 0; c < G / 4; ++c)
+    for (int t = 0; t < 4; ++t)
+      for (int w = 0; w < 32; ++w) out[c * 128 + t * 32 + w] = x[c * 128 + 4 * w + t];
+}
+
+// x prepared for `row_dot` (the `xperm` argument of the MXFP4 kernels), per ISA: permuted
+// bf16 (AVX512-BF16), int16 with block scales (AVX2), unused (scalar). prep_len(K) words per row.
+static inline int64_t prep_len(int64_t K) {
+#if defined(OSSRT_AVX2)
+  return ossrt_avx2::mxfp4_prep_len(K);
+#else
+  return K;
+#endif
+}
+
+static inline void prep_x(const uint16_t* x, int64_t G, uint16_t* out) {
+#if defined(OSSRT_AVX2)
+  ossrt_avx2::mxfp4_prep_x(x, G * 32, out);
+#else
+  permute_x4(x, G, out);
+#endif
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define OSSRT_BF16_MXFP4 1
 static inline __m512i decode_block_bf16(const uint8_t* b16, __m512i lut) {
@@ -286,11 +342,6 @@ static inline __m512i e2m1_bf16_lut() {
 // scales (one per lane) scales the sum of the four dot products.
 // x must be given permuted to match (`permute_x4`): per 4 blocks, x'[32 t + w] = x[4 w + t].
 // Blocks past the last multiple of 4 use `decode_block_bf16`.
-static inline void permute_x4(const uint16_t* x, int64_t G, uint16_t* out) {
-  for (int64_t c = 0; c < G / 4; ++c)
-    for (int t = 0; t < 4; ++t)
-      for (int w = 0; w < 32; ++w) out[c * 128 + t * 32 + w] = x[c * 128 + 4 * w + t];
-}
 
 static inline __m512 scales4(const uint8_t* s) {  // 2^(s-127) per lane; s=0: 2^-127, 255: NaN
   int32_t raw;
@@ -440,6 +491,9 @@ static inline float row_dot(const uint8_t* brow, const uint8_t* srow, int64_t G,
                             const uint16_t* x, const uint16_t* xperm) {
 #if defined(OSSRT_BF16_MXFP4)
   return row_dot4(brow, srow, G, x, xperm, e2m1_bf16_lut());
+#elif defined(OSSRT_AVX2)
+  (void)x;
+  return ossrt_avx2::mxfp4_dot(brow, srow, G, xperm, G * 32);
 #else
   (void)xperm;
   return row_dot1_scalar(brow, srow, G, x);
@@ -468,8 +522,7 @@ static inline void row_dot_rows(const uint8_t* brow, const uint8_t* srow, int64_
   if (M - i >= 2) { row_dot4_rows<2>(brow, srow, G, x + i, xperm + i, lut, out + i); i += 2; }
   if (i < M) row_dot4_rows<1>(brow, srow, G, x + i, xperm + i, lut, out + i);
 #else
-  for (int64_t i = 0; i < M; ++i) out[i] = row_dot1_scalar(brow, srow, G, x[i]);
-  (void)xperm;
+  for (int64_t i = 0; i < M; ++i) out[i] = row_dot(brow, srow, G, x[i], xperm[i]);
 #endif
 }
 
@@ -504,13 +557,14 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
-  std::vector<uint16_t> xperm(M * K);
-  for (int64_t m = 0; m < M; ++m) permute_x4(xp + m * K, G, xperm.data() + m * K);
+  const int64_t L = prep_len(K);
+  std::vector<uint16_t> xperm(M * L);
+  for (int64_t m = 0; m < M; ++m) prep_x(xp + m * K, G, xperm.data() + m * L);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; ++m)
         yp[m * N + n] = row_dot(bp + n * G * 16, sp + n * G, G, xp + m * K,
-                                xperm.data() + m * K) + (biasp ? biasp[n] : 0.f);
+                                xperm.data() + m * L) + (biasp ? biasp[n] : 0.f);
   });
   return y;
 }
@@ -531,7 +585,7 @@ static void swiglu_rows(const float* hp, int64_t rows, int64_t I, int64_t G2, fl
     const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
     ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
   }
-  for (int64_t r = 0; r < rows; ++r) permute_x4(ap + r * I, G2, aperm + r * I);
+  for (int64_t r = 0; r < rows; ++r) prep_x(ap + r * I, G2, aperm + r * prep_len(I));
 }
 
 torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
@@ -567,8 +621,8 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   const uint8_t* sp1 = w1_scales.data_ptr<uint8_t>();
   const uint8_t* bp2 = w2_blocks.data_ptr<uint8_t>();
   const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
-  std::vector<uint16_t> xperm(H), aperm(K * I);
-  permute_x4(xp, G1, xperm.data());
+  std::vector<uint16_t> xperm(prep_len(H)), aperm(K * prep_len(I));
+  prep_x(xp, G1, xperm.data());
   // Pass 1 in groups of 4 consecutive gate/up rows of one expert (x loaded once per group).
   const int64_t Q1 = (I2 + 3) / 4;  // groups per expert
   at::parallel_for(0, K * Q1, 4, [&](int64_t g0, int64_t g1) {
@@ -591,7 +645,7 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
       for (int64_t j = 0; j < K; ++j) {
         const int64_t row = ip[j] * H + n0;
         row_dot_wrows(bp2 + row * G2 * 16, sp2 + row * G2, G2, nr, ap + j * I,
-                      aperm.data() + j * I, dot);
+                      aperm.data() + j * prep_len(I), dot);
         for (int64_t r = 0; r < nr; ++r) acc[r] += wp[j] * (dot[r] + b2p[j * H + n0 + r]);
       }
       for (int64_t r = 0; r < nr; ++r) op[n0 + r] = acc[r];
@@ -659,14 +713,15 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
   const uint8_t* sp1 = w1_scales.data_ptr<uint8_t>();
   const uint8_t* bp2 = w2_blocks.data_ptr<uint8_t>();
   const uint8_t* sp2 = w2_scales.data_ptr<uint8_t>();
-  std::vector<uint16_t> xperm(N * H), aperm(P * I);
-  for (int64_t t = 0; t < N; ++t) permute_x4(xp + t * H, G1, xperm.data() + t * H);
+  const int64_t LH = prep_len(H), LI = prep_len(I);
+  std::vector<uint16_t> xperm(N * LH), aperm(P * LI);
+  for (int64_t t = 0; t < N; ++t) prep_x(xp + t * H, G1, xperm.data() + t * LH);
   std::vector<const uint16_t*> xs(P), xps(P), as(P), aps(P);  // per sorted pair: its inputs
   for (int64_t q = 0; q < P; ++q) {
     xs[q] = xp + tok[q] * H;
-    xps[q] = xperm.data() + tok[q] * H;
+    xps[q] = xperm.data() + tok[q] * LH;
     as[q] = ap + q * I;
-    aps[q] = aperm.data() + q * I;
+    aps[q] = aperm.data() + q * LI;
   }
   at::parallel_for(0, U * I2, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> dot(P);
@@ -830,6 +885,29 @@ static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, con
                           _mm512_mul_ps(_mm512_loadu_ps(ws + b), _mm512_loadu_ps(dx + b)), tot);
   }
   total = _mm512_reduce_add_ps(tot);
+#elif defined(OSSRT_AVX2)
+  // the weight bytes made signed (v = wq - 128) and multiplied through vpmaddubsw as |v| times
+  // x with v's sign (|v|, |x| <= 127: no 16-bit saturation); dword l of each 32-byte step is
+  // block l's partial dot, so the -128 sum(x) term is not needed
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G16; ++g, b += 16) {
+    const uint8_t* wg = w + g * 512;
+    const int8_t* xg = xq + g * 512;
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int t = 0; t < 16; ++t) {
+      const __m256i wv = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * t)), flip);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32 * t));
+      acc[t & 1] = _mm256_add_epi32(acc[t & 1], _mm256_madd_epi16(
+          _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones));
+    }
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[0]),
+                          _mm256_mul_ps(_mm256_loadu_ps(ws + b), _mm256_loadu_ps(dx + b)), tot);
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[1]),
+                          _mm256_mul_ps(_mm256_loadu_ps(ws + b + 8), _mm256_loadu_ps(dx + b + 8)), tot);
+  }
+  total = ossrt_avx2::hsum(tot);
 #else
   for (; b < 16 * G16; ++b) {  // interleaved runs, scalar
     int32_t dot = 0;
@@ -1065,6 +1143,9 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
         for (; d + 16 <= D; d += 16)
           a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + d), load_bf16x16(kr + d), a);
         t = _mm512_reduce_add_ps(a);
+#elif defined(OSSRT_AVX2)
+        d = D - D % 16;
+        t = ossrt_avx2::dot_f32_bf16(qf.data(), kr, d);
 #endif
         for (; d < D; ++d) t += qf[d] * bf16_to_f32(kr[d]);
         p[i] = t * sc;
@@ -1082,6 +1163,9 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
         for (; d + 16 <= D; d += 16)
           _mm512_storeu_ps(acc.data() + d,
                            _mm512_fmadd_ps(ev, load_bf16x16(vr + d), _mm512_loadu_ps(acc.data() + d)));
+#elif defined(OSSRT_AVX2)
+        d = D - D % 8;
+        ossrt_avx2::axpy_bf16(e, vr, acc.data(), d);
 #endif
         for (; d < D; ++d) acc[d] += e * bf16_to_f32(vr[d]);
       }
@@ -1092,7 +1176,20 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   return out;
 }
 
+// Which kernels this build runs: "avx512bf16", "avx2" (x quantized to int16 in the MXFP4 dot
+// products, see avx2.h) or "portable".
+static std::string isa() {
+#if defined(OSSRT_BF16_MXFP4)
+  return "avx512bf16";
+#elif defined(OSSRT_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the instruction set the kernels were built for");
   m.def("mxfp4_linear", &mxfp4_linear, "MXFP4 linear layer (CPU)");
   m.def("bf16_linear", &bf16_linear, "bf16 linear layer for few rows (CPU)");
   m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");
