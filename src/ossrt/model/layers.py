@@ -50,13 +50,40 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
         return y if out_dtype is None else y.to(out_dtype)
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and 0 < rows <= _GEMV_MAX_ROWS
             and native):
+        if out_dtype in (None, torch.bfloat16):
+            return kernels.bf16_linear_bf16(x.reshape(rows, -1), w, b).view(*x.shape[:-1], -1)
         y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
-        return y.to(out_dtype or x.dtype)
+        return y.to(out_dtype)
     y = F.linear(x, w, b)
     return y if out_dtype is None else y.to(out_dtype)
 
 
+def _native_bf16(*ts: torch.Tensor) -> bool:
+    """All CPU bf16 tensors outside autograd (the native ops have no backward), and the native
+    kernels are there."""
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and kernels.available())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, H] -> same dtype; computed in fp32 (`rms_norm_reference`, in one native call for
+    bf16 on the CPU)."""
+    if x.dim() == 2 and _native_bf16(x, weight):
+        return kernels.rms_norm_bf16(x, None, weight, eps)[1]
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) for the residual sum s = x + r [N, H]."""
+    if x.dim() == 2 and _native_bf16(x, r, weight):
+        return kernels.rms_norm_bf16(x, r, weight, eps)
+    s = x + r
+    return s, rms_norm_reference(s, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] -> same dtype; computed in fp32."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -90,6 +117,17 @@ class YarnRope(torch.nn.Module):
         x1, x2 = x.float().chunk(2, dim=-1)  # [..., T, heads, D/2] each
         c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    @staticmethod
+    def apply_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`apply` on q [N, Hq, D] and k [N, Hkv, D]; contiguous CPU bf16 ones are rotated in
+        place by one native call (bit for bit the same)."""
+        if (q.is_contiguous() and k.is_contiguous() and cos.dtype == torch.float32
+                and _native_bf16(q, k)):
+            kernels.rope_bf16_(q, k, cos, sin)
+            return q, k
+        return YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -235,6 +273,21 @@ def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, 
         return dequantize(blocks, scales, dtype)
     shape = (*scales.shape[:-1], scales.shape[-1] * 32)
     return kernels.dequant_bf16(blocks, scales, _scratch(slot, scales.numel() * 32, shape))
+
+
+def moe_add(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
+            top_k: int, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+            w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+            limit: float, alpha: float,
+            router_adjust: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+            ) -> torch.Tensor:
+    """The residual MoE step x + moe(h, ...), x and h [N, H]; one native call for a single
+    CPU bf16 token without a router adjustment (decode)."""
+    if router_adjust is None and h.shape[0] == 1 and _native_bf16(x, h, router_w, router_b):
+        return kernels.moe_decode(x, h, router_w, router_b, top_k, w1_blocks, w1_scales,
+                                  w1_bias, w2_blocks, w2_scales, w2_bias, limit, alpha)
+    return x + moe(h, router_w, router_b, top_k, w1_blocks, w1_scales, w1_bias, w2_blocks,
+                   w2_scales, w2_bias, limit, alpha, router_adjust)
 
 
 def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,

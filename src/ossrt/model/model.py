@@ -19,7 +19,7 @@ from torch import nn
 
 from . import hugepages
 from .config import GptOssConfig
-from .layers import YarnRope, attend, linear, moe, rms_norm
+from .layers import YarnRope, add_rms_norm, attend, linear, moe_add, rms_norm
 from .loader import Checkpoint, read_checkpoint
 from .lora import LoraBatch
 from .q8 import Q8Weight
@@ -107,17 +107,15 @@ class Block(nn.Module):
         q = q.view(n, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(n, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = YarnRope.apply(q, cos, sin), YarnRope.apply(k, cos, sin)
+        q, k = YarnRope.apply_qk(q, k, cos, sin)
         o = attn(layer, q, k, v, self.sinks).reshape(n, -1)  # [N, Hq*D]
         out = linear(o, self.o_w, self.o_b)
         if lora is not None:
             lora.add(layer, "o_proj", o, out)
-        x = x + out
-
-        h = rms_norm(x, self.mlp_norm, cfg.rms_norm_eps)
+        x, h = add_rms_norm(x, out, self.mlp_norm, cfg.rms_norm_eps)
         router = None if lora is None else (
             lambda inp, logits: lora.add(layer, "router", inp, logits))
-        return x + moe(h, self.router_w, self.router_b, cfg.num_experts_per_tok,
+        return moe_add(x, h, self.router_w, self.router_b, cfg.num_experts_per_tok,
                        self.w1_blocks, self.w1_scales, self.w1_bias,
                        self.w2_blocks, self.w2_scales, self.w2_bias,
                        cfg.swiglu_limit, cfg.swiglu_alpha, router)

@@ -41,7 +41,8 @@ def _load() -> Any:
             fcntl.flock(guard, fcntl.LOCK_EX)
             (build / "lock").unlink(missing_ok=True)
             _MODULE = load(name="ossrt_mxfp4_cpu",
-                           sources=[str(Path(__file__).with_name("mxfp4_cpu.cpp"))],
+                           sources=[str(Path(__file__).with_name(f))
+                                    for f in ("mxfp4_cpu.cpp", "decode_ops.cpp")],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
@@ -127,3 +128,33 @@ def attn_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torc
     bf16; slots [S] (all visible) -> [Hq, D] bf16, softmax with each head's sink in the
     denominator, computed in fp32."""
     return _load().attn_decode(q, kc, vc, slots, sinks, float(scale))
+
+
+def rms_norm_bf16(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] bf16 (+ r [N, H], rounded to bf16), w [H] bf16 -> (s = x + r, rms_norm(s)),
+    both bf16: `layers.rms_norm` of the residual sum in one call."""
+    s, y = _load().rms_norm_bf16(x, r, w, float(eps))
+    return s, y
+
+
+def rope_bf16_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """`YarnRope.apply` on contiguous bf16 q [N, Hq, D] and k [N, Hkv, D], in place, bit for bit;
+    cos, sin [N, D/2] float32."""
+    _load().rope_bf16_(q, k, cos, sin)
+
+
+def bf16_linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`bf16_linear` rounded to bf16 in the same call."""
+    return _load().bf16_linear_bf16(x, w, bias)
+
+
+def moe_decode(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
+               top_k: int, w1_blocks: torch.Tensor, w1_scales: torch.Tensor,
+               w1_bias: torch.Tensor, w2_blocks: torch.Tensor, w2_scales: torch.Tensor,
+               w2_bias: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """One token's residual MoE step, router included: x [1, H] + `layers.moe`(h [1, H]) in
+    bf16, the same result as the torch-side routing followed by `moe_token`."""
+    return _load().moe_decode(x, h, router_w, router_b, int(top_k), w1_blocks, w1_scales,
+                              w1_bias, w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
+

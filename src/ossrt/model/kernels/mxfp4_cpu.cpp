@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#include "bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -274,20 +275,6 @@ static bool g_scale_init = [] {
   return true;
 }();
 
-static inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kept NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 // x in the order the four-block step reads it (`wrows_dot4`): per 4 blocks (128 values),
 // out[32 t + w] = x[4 w + t]; values past the last multiple of 4 blocks are left unwritten.
@@ -1188,8 +1175,11 @@ static std::string isa() {
 #endif
 }
 
+void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction set the kernels were built for");
+  register_decode_ops(m);
   m.def("mxfp4_linear", &mxfp4_linear, "MXFP4 linear layer (CPU)");
   m.def("bf16_linear", &bf16_linear, "bf16 linear layer for few rows (CPU)");
   m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");

@@ -1,0 +1,143 @@
+// Small fused ops of a decode step. Their math is cheap; as separate torch ops from Python each
+// costs microseconds of dispatch and a fresh tensor, which adds up to tens of milliseconds per
+// token over 24 layers. Each op gives the same result as the torch expression it replaces (named
+// in `layers.py`), rounding for rounding, except where noted.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include "bf16.h"
+
+// mxfp4_cpu.cpp
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
+                        torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
+                        torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
+                        double limit, double alpha);
+
+static const uint16_t* bf16_ptr(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+static uint16_t* bf16_ptr_mut(torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// x [N, H] bf16 (plus r [N, H] when given: s = x + r, rounded to bf16 as torch's bf16 add),
+// w [H] bf16 -> [s, bf16((s * (1 / sqrt(mean(s^2) + eps))) * w)], fp32 inside: `layers.rms_norm`
+// of `x + r`. The sum of squares runs in another order than torch's reduction (fp32 rounding).
+std::vector<torch::Tensor> rms_norm_bf16(torch::Tensor x, c10::optional<torch::Tensor> r,
+                                         torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 &&
+              w.numel() == x.size(1), "x [N, H] and w [H] must be bfloat16");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t N = x.size(0), H = x.size(1);
+  torch::Tensor s = x;
+  if (r.has_value()) {
+    TORCH_CHECK(r->sizes() == x.sizes() && r->scalar_type() == torch::kBFloat16, "r must be like x");
+    torch::Tensor rc = r->contiguous();
+    s = torch::empty_like(x);
+    const uint16_t *xp = bf16_ptr(x), *rp = bf16_ptr(rc);
+    uint16_t* sp = bf16_ptr_mut(s);
+    for (int64_t i = 0; i < N * H; ++i) sp[i] = f32_to_bf16(bf16_to_f32(xp[i]) + bf16_to_f32(rp[i]));
+  }
+  auto y = torch::empty_like(x);
+  const uint16_t *sp = bf16_ptr(s), *wp = bf16_ptr(w);
+  uint16_t* yp = bf16_ptr_mut(y);
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* row = sp + n * H;
+      float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t i = 0;
+      for (; i + 8 <= H; i += 8)
+        for (int j = 0; j < 8; ++j) {
+          const float v = bf16_to_f32(row[i + j]);
+          part[j] += v * v;
+        }
+      for (; i < H; ++i) part[0] += bf16_to_f32(row[i]) * bf16_to_f32(row[i]);
+      float ss = 0.f;
+      for (int j = 0; j < 8; ++j) ss += part[j];
+      const float rs = 1.f / std::sqrt(ss / static_cast<float>(H) + e);
+      for (i = 0; i < H; ++i) {
+        const float t = bf16_to_f32(row[i]) * rs;
+        yp[n * H + i] = f32_to_bf16(t * bf16_to_f32(wp[i]));
+      }
+    }
+  });
+  return {s, y};
+}
+
+// In place on q [N, Hq, D] and k [N, Hkv, D] bf16 with cos, sin [N, D/2] fp32: the half-split
+// rotation of `YarnRope.apply`, x1 c - x2 s and x2 c + x1 s, each product and sum rounded to fp32
+// separately as torch's separate ops do (no fused multiply-add), then to bf16.
+__attribute__((optimize("fp-contract=off")))
+static void rope_rows(uint16_t* x, int64_t N, int64_t heads, int64_t D, const float* cp,
+                      const float* sp) {
+  const int64_t half = D / 2;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < heads; ++h) {
+      uint16_t* v = x + (n * heads + h) * D;
+      const float* c = cp + n * half;
+      const float* s = sp + n * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = bf16_to_f32(v[i]), x2 = bf16_to_f32(v[half + i]);
+        const float a = x1 * c[i], b = x2 * s[i], p = x2 * c[i], q = x1 * s[i];
+        v[i] = f32_to_bf16(a - b);
+        v[half + i] = f32_to_bf16(p + q);
+      }
+    }
+}
+
+void rope_bf16_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "q [N, Hq, D], k [N, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
+              q.is_contiguous() && k.is_contiguous(), "q and k must be contiguous bfloat16");
+  const int64_t N = q.size(0), D = q.size(2);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+              cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == N &&
+              cos.size(1) * 2 == D, "cos, sin must be [N, D/2] float32");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  rope_rows(bf16_ptr_mut(q), N, q.size(1), D, cos.data_ptr<float>(), sin.data_ptr<float>());
+  rope_rows(bf16_ptr_mut(k), N, k.size(1), D, cos.data_ptr<float>(), sin.data_ptr<float>());
+}
+
+// `bf16_linear(x, w, bias)` rounded to bf16 (what `layers.linear` returns for bf16 x).
+torch::Tensor bf16_linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  return bf16_linear(x, w, bias).to(torch::kBFloat16);
+}
+
+// One token's residual MoE step: x [1, H] + moe(h [1, H]) in bf16, where moe is `layers.moe`
+// without a router adjustment: router logits in bf16 (`bf16_linear`), top-k by torch's topk (same
+// tie order), softmax of those k in fp32 rounded to bf16, then `moe_token`.
+torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_w,
+                         torch::Tensor router_b, int64_t top_k, torch::Tensor w1_blocks,
+                         torch::Tensor w1_scales, torch::Tensor w1_bias, torch::Tensor w2_blocks,
+                         torch::Tensor w2_scales, torch::Tensor w2_bias, double limit, double alpha) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.sizes() == h.sizes() &&
+              x.scalar_type() == torch::kBFloat16 && h.scalar_type() == torch::kBFloat16,
+              "x, h must be [1, H] bfloat16");
+  auto logits = bf16_linear(h, router_w, router_b).to(torch::kBFloat16);  // [1, E]
+  auto [top, idx] = at::topk(logits, top_k, -1);
+  auto weights = at::softmax(top.to(torch::kFloat32), -1).to(torch::kBFloat16);
+  auto y = moe_token(h[0], idx[0], weights[0], w1_blocks, w1_scales, w1_bias, w2_blocks,
+                     w2_scales, w2_bias, limit, alpha);  // [H] fp32
+  x = x.contiguous();
+  auto out = torch::empty_like(x);
+  const uint16_t* xp = bf16_ptr(x);
+  const float* yp = y.data_ptr<float>();
+  uint16_t* op = bf16_ptr_mut(out);
+  for (int64_t i = 0; i < x.numel(); ++i)
+    op[i] = f32_to_bf16(bf16_to_f32(xp[i]) + bf16_to_f32(f32_to_bf16(yp[i])));
+  return out;
+}
+
+void register_decode_ops(pybind11::module& m) {
+  m.def("rms_norm_bf16", &rms_norm_bf16, "(x + r, rms_norm(x + r)) in bf16 (CPU)",
+        py::arg("x"), py::arg("r"), py::arg("w"), py::arg("eps"));
+  m.def("rope_bf16_", &rope_bf16_, "half-split rotary embedding of q and k, in place (CPU)");
+  m.def("bf16_linear_bf16", &bf16_linear_bf16, "bf16_linear rounded to bf16 (CPU)");
+  m.def("moe_decode", &moe_decode, "x + moe(h) for one token, router included (CPU)");
+}
