@@ -164,20 +164,20 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16,
               "x and w must be bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  x = x.contiguous();
+  w = w.contiguous();
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  torch::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    b32 = bias->to(torch::kFloat32).contiguous();
+    bp = b32.data_ptr<float>();
+  }
 #if defined(__AVX512BF16__)
   if (K % 32 == 0) {
-    x = x.contiguous();
-    w = w.contiguous();
-    auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-    float* yp = y.data_ptr<float>();
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    torch::Tensor b32;
-    const float* bp = nullptr;
-    if (bias.has_value()) {
-      b32 = bias->to(torch::kFloat32).contiguous();
-      bp = b32.data_ptr<float>();
-    }
     if (M >= 3) {  // pairs of weight rows (N is split on even boundaries)
       at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
         float d0[8], d1[8];
@@ -233,18 +233,6 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 #endif
 #if defined(OSSRT_AVX2)
   if (K % 16 == 0) {  // x converted to fp32 once, each weight row read once per 4 rows of x
-    x = x.contiguous();
-    w = w.contiguous();
-    auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-    float* yp = y.data_ptr<float>();
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    torch::Tensor b32;
-    const float* bp = nullptr;
-    if (bias.has_value()) {
-      b32 = bias->to(torch::kFloat32).contiguous();
-      bp = b32.data_ptr<float>();
-    }
     std::vector<float> xs(M * K);
     for (int64_t m = 0; m < M; ++m) ossrt_avx2::bf16_prep_x(xp + m * K, K, xs.data() + m * K);
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
