@@ -13,6 +13,15 @@ import pytest
 import torch
 
 
+def pytest_sessionstart(session) -> None:  # noqa: ANN001 - pytest's hook signature
+    """Build the native kernels once, before any test: the servers and CLIs that tests start
+    as subprocesses then load them ready-built instead of compiling (a minute on 2 cores)
+    inside a request that the test times out on."""
+    from ossrt.model import kernels
+
+    kernels.available()
+
+
 @contextmanager
 def _serve(app) -> Iterator[str]:  # noqa: ANN001 - an ASGI app
     import uvicorn
