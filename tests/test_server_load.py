@@ -24,7 +24,8 @@ CLIENTS = 64
 MAX_TOKENS = 12
 ROUNDS = int(os.environ.get("OSSRT_LOAD_ROUNDS", "4"))
 WARMUP = 3  # rounds before the RSS baseline: allocator arenas settle over the first few
-RSS_GROWTH_LIMIT = 48 << 20  # seen (7 rounds): 742 750 811 812 813 822 822 MiB
+RSS_GROWTH_LIMIT = 48 << 20  # seen (8 rounds): 508 509 514 514 514 518 518 526 MiB; without
+# engine.malloc.fix_mmap_threshold: 514 555 591 600 601 605 605 613, and up to +60 in one round
 
 
 async def _one(c: httpx.AsyncClient, url: str, i: int, r: int) -> float:

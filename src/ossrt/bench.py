@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .engine.llm_engine import EngineConfig, LLMEngine
+from .engine.malloc import fix_mmap_threshold
 from .engine.sequence import SamplingParams
 from .model import load_model
 
@@ -64,6 +65,7 @@ def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
               kv_cache_gb: float = 2.0, dense_dtype: str = "bfloat16") -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
+    fix_mmap_threshold()  # as `ossrt serve` runs
     t0 = time.perf_counter()
     model = load_model(model_dir, dtype, progress=False, dense_dtype=dense_dtype)
     load_s = time.perf_counter() - t0

@@ -61,6 +61,7 @@ def find_default_model() -> tuple[str, bool]:
 def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
     from .engine.async_engine import AsyncEngine
     from .engine.llm_engine import EngineConfig, LLMEngine
+    from .engine.malloc import fix_mmap_threshold
     from .harmony.tokenizer import get_tokenizer
     from .model import load_model
     from .server.agent import configure_builtins
@@ -79,6 +80,7 @@ def build_app(opts: ServeOptions):  # noqa: ANN201 - a FastAPI app
               "  serving the TINY RANDOM preset (random weights, random text) so the\n"
               "  whole API can be tried. Download the real weights and pass --model DIR.\n"
               + "=" * 72, file=sys.stderr)
+    fix_mmap_threshold()  # a server's RSS must not creep up with each burst of load
     t0 = time.perf_counter()
     model = load_model(path, opts.dtype, dense_dtype=opts.dense_dtype)
     engine = LLMEngine(model, EngineConfig(kv_cache_bytes=int(opts.kv_cache_gb * (1 << 30)),
