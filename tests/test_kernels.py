@@ -265,36 +265,42 @@ def test_moe_rows_native_matches_torch_path(monkeypatch, n, e, h, i, k) -> None:
     assert not torch.equal(got, got_forced)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2, 5, 90)])
-def test_dequant_bf16_is_bit_identical_to_dequantize(shape) -> None:
+def test_dequant_is_bit_identical_to_dequantize(shape, dtype) -> None:
     g = torch.Generator().manual_seed(len(shape))
     blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     scales.view(-1)[:4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)[:scales.numel()]
-    ref = dequantize(blocks, scales, torch.bfloat16)
-    got = kernels.dequant_bf16(blocks, scales)
-    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    fn = kernels.dequant_bf16 if dtype == torch.bfloat16 else kernels.dequant_f32
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    ref = dequantize(blocks, scales, dtype)
+    got = fn(blocks, scales)
+    assert got.shape == ref.shape and got.dtype == dtype
     nan = ref.isnan()
     assert torch.equal(got.isnan(), nan)  # scale byte 255 is NaN (OCP MX)
-    assert torch.equal(got.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])
-    out = torch.full((scales.numel() * 32,), 7.0, dtype=torch.bfloat16)
-    again = kernels.dequant_bf16(blocks, scales, out)
+    assert torch.equal(got.view(bits)[~nan], ref.view(bits)[~nan])  # -0.0 and denormals too
+    out = torch.full((scales.numel() * 32,), 7.0, dtype=dtype)
+    again = fn(blocks, scales, out)
     assert again.data_ptr() == out.data_ptr()
-    assert torch.equal(out.view(torch.int16)[~nan.view(-1)], ref.view(torch.int16)[~nan])
+    assert torch.equal(out.view(bits)[~nan.view(-1)], ref.view(bits)[~nan])
     with pytest.raises(RuntimeError, match="out must be"):
-        kernels.dequant_bf16(blocks, scales, out[:-1])
+        fn(blocks, scales, out[:-1])
+    with pytest.raises(RuntimeError, match="out must be"):
+        fn(blocks, scales, out.to(torch.float16))
 
 
 def test_moe_prefill_dequant_path_matches_torch_dequantize(monkeypatch) -> None:
     """Many tokens per expert (prefill): the native dequantization into the scratch buffers
     gives the same bits as the torch path, across several experts reusing the buffers."""
-    from ossrt.model import layers
+    from ossrt.model import cpu_gemm, layers
     inp = _moe_inputs(6, 64, 96, seed=9)
     x = torch.randn(80, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     args = (x, inp["router_w"], inp["router_b"], 2, inp["w1_blocks"], inp["w1_scales"],
             inp["w1_bias"], inp["w2_blocks"], inp["w2_scales"], inp["w2_bias"], 7.0, 1.702)
     monkeypatch.setattr(layers, "_MOE_ROWS_MAX", 0)
     monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: False)  # torch's bf16 GEMM
     native = layers.moe(*args)
     monkeypatch.setattr(layers.kernels, "available", lambda: False)
     torch_path = layers.moe(*args)

@@ -7,13 +7,13 @@ E experts, K experts per token, I expert intermediate size, N = B*T tokens.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .cpu_gemm import linear_f32, mxfp4_linear_f32, scratch, use_f32
 from .config import GptOssConfig, yarn_low_high
 from .mxfp4 import dequantize
 from .q8 import Q8Weight
@@ -43,9 +43,11 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
             y = kernels.q8_linear(x.reshape(rows, -1), w.q, w.scale, b)
             return y.view(*x.shape[:-1], w.shape[0]).to(out_dtype or x.dtype)
         if native and x.dtype == torch.bfloat16:
-            wd = kernels.q8_dequant_bf16(w.q, w.scale, _scratch(2, w.q.numel(), w.q.shape))
+            wd = kernels.q8_dequant_bf16(w.q, w.scale, scratch(2, w.q.numel(), w.q.shape))
         else:
             wd = w.dequantize(x.dtype)
+        if use_f32(x, wd):
+            return linear_f32(x, wd, b, out_dtype)
         y = F.linear(x, wd, b)
         return y if out_dtype is None else y.to(out_dtype)
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and 0 < rows <= _GEMV_MAX_ROWS
@@ -54,6 +56,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
             return kernels.bf16_linear_bf16(x.reshape(rows, -1), w, b).view(*x.shape[:-1], -1)
         y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
         return y.to(out_dtype)
+    if use_f32(x, w):  # no bf16 matrix instructions: the same products, in fp32 (cpu_gemm)
+        return linear_f32(x, w, b, out_dtype)
     y = F.linear(x, w, b)
     return y if out_dtype is None else y.to(out_dtype)
 
@@ -250,21 +254,6 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(slot: int, n: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """This thread's bf16 scratch buffer `slot`, viewed as `shape` (n elements); reused across
-    calls (no fresh pages per expert or layer), valid until the next use of the same slot."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get(slot)
-    if buf is None or buf.numel() < n:
-        buf = bufs[slot] = torch.empty(n, dtype=torch.bfloat16)
-    return buf[:n].view(*shape)
-
-
 def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, native: bool,
                 slot: int) -> torch.Tensor:
     """One expert matrix in `dtype`: on the CPU in bf16, the native kernel writes it into the
@@ -272,7 +261,7 @@ def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, 
     if not (native and dtype == torch.bfloat16):
         return dequantize(blocks, scales, dtype)
     shape = (*scales.shape[:-1], scales.shape[-1] * 32)
-    return kernels.dequant_bf16(blocks, scales, _scratch(slot, scales.numel() * 32, shape))
+    return kernels.dequant_bf16(blocks, scales, scratch(slot, scales.numel() * 32, shape))
 
 
 def moe_add(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
@@ -318,6 +307,7 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         return kernels.moe_rows(x, idx, weights, w1_blocks, w1_scales, w1_bias,
                                 w2_blocks, w2_scales, w2_bias, limit, alpha).to(x.dtype)
     native = x.device.type == "cpu" and kernels.available()
+    f32 = native and use_f32(x, w1_bias)  # no bf16 matrix instructions: GEMMs in fp32
     flat = idx.flatten()  # [N*K]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w1_blocks.shape[0]).tolist()
@@ -334,6 +324,10 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
             a = swiglu(kernels.mxfp4_linear(xe, w1_blocks[e], w1_scales[e], w1_bias[e]),
                        limit, alpha)  # [c, I]
             y = kernels.mxfp4_linear(a, w2_blocks[e], w2_scales[e], w2_bias[e])  # [c, H]
+        elif f32:  # cpu_gemm: each GEMM in fp32 over cache-sized dequantized chunks
+            a = swiglu(mxfp4_linear_f32(xe, w1_blocks[e], w1_scales[e], w1_bias[e]),
+                       limit, alpha)  # [c, I]
+            y = mxfp4_linear_f32(a, w2_blocks[e], w2_scales[e], w2_bias[e])  # [c, H]
         else:
             w1 = _dequantize(w1_blocks[e], w1_scales[e], x.dtype, native, 0)  # [2I, H]
             a = swiglu(F.linear(xe, w1, w1_bias[e]), limit, alpha)  # [c, I]

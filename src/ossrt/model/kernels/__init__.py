@@ -104,6 +104,13 @@ def dequant_bf16(blocks: torch.Tensor, scales: torch.Tensor,
     return _load().dequant_bf16(blocks, scales, out)
 
 
+def dequant_f32(blocks: torch.Tensor, scales: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """`dequant_bf16`'s contract in float32: bit-identical to
+    `mxfp4.dequantize(blocks, scales, torch.float32)`."""
+    return _load().dequant_f32(blocks, scales, out)
+
+
 def q8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ W^T (+ bias) -> [M, N] float32 for an 8-bit W (`layers.Q8Weight`): wq

@@ -798,6 +798,70 @@ torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
   return out;
 }
 
+// blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G*32] float32, bit-identical to
+// `mxfp4.dequantize(..., float32)`. For CPUs without bf16 matrix instructions, where prefill's
+// GEMM runs in fp32 (torch's bf16 GEMM there is ~5x slower than its fp32 one).
+torch::Tensor dequant_f32(torch::Tensor blocks, torch::Tensor scales,
+                          c10::optional<torch::Tensor> out_opt) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8,
+              "blocks and scales must be uint8");
+  TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16 &&
+              blocks.sizes().slice(0, blocks.dim() - 1) == scales.sizes(),
+              "blocks [..., G, 16] and scales [..., G] must match");
+  blocks = blocks.contiguous();
+  scales = scales.contiguous();
+  const int64_t nblk = scales.numel();
+  std::vector<int64_t> shape(scales.sizes().begin(), scales.sizes().end());
+  shape.back() *= 32;
+  torch::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+                out.numel() == nblk * 32, "out must be a contiguous float32 tensor of [..., G*32]");
+  } else {
+    out = torch::empty(shape, blocks.options().dtype(torch::kFloat32));
+  }
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, nblk, 2048, [&](int64_t b0, int64_t b1) {
+#if defined(__AVX2__)
+    // nibble -> |E2M1| by its low 3 bits through one 8-entry permute, the sign from bit 3
+    const __m256 mag = _mm256_loadu_ps(kE2M1);
+    const __m256i low3 = _mm256_set1_epi32(7), bit3 = _mm256_set1_epi32(8);
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m256 s = _mm256_set1_ps(g_scale_of[sp[b]]);
+      for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 -> values 16h..16h+15
+        const __m256i v = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bp + b * 16 + 8 * h)));
+        const __m256i vh = _mm256_srli_epi32(v, 4);
+        const __m256 lo = _mm256_xor_ps(
+            _mm256_permutevar8x32_ps(mag, _mm256_and_si256(v, low3)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(v, bit3), 28)));
+        const __m256 hi = _mm256_xor_ps(
+            _mm256_permutevar8x32_ps(mag, _mm256_and_si256(vh, low3)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(vh, bit3), 28)));
+        // lo = values 0,2,..,14 of this half, hi = 1,3,..,15: interleave them
+        const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);
+        float* o = op + b * 32 + 16 * h;
+        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_permute2f128_ps(a, c, 0x20), s));
+        _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_permute2f128_ps(a, c, 0x31), s));
+      }
+    }
+#else
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = g_scale_of[sp[b]];
+      for (int k = 0; k < 16; ++k) {
+        const uint8_t v = bp[b * 16 + k];
+        op[b * 32 + 2 * k] = kE2M1[v & 15] * s;
+        op[b * 32 + 2 * k + 1] = kE2M1[v >> 4] * s;
+      }
+    }
+#endif
+  });
+  return out;
+}
+
 // ---- 8-bit dense weights (opt-in `--dense-dtype int8`) -------------------------------------------
 // A weight W [N, K] is kept as wq [N, K] uint8 = round(W / d) + 128 and ws [N, K/32] fp32 = d,
 // one scale per 32-block (d = max|W_block| / 127): llama.cpp's q8_0 with an fp32 scale and the
@@ -1174,6 +1238,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)");
   m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
   m.def("dequant_bf16", &dequant_bf16, "MXFP4 -> bf16, whole matrices (CPU)",
+        py::arg("blocks"), py::arg("scales"), py::arg("out") = py::none());
+  m.def("dequant_f32", &dequant_f32, "MXFP4 -> float32, whole matrices (CPU)",
         py::arg("blocks"), py::arg("scales"), py::arg("out") = py::none());
   m.def("q8_linear", &q8_linear, "8-bit dense linear layer for few rows (CPU)");
   m.def("q8_dequant_bf16", &q8_dequant_bf16, "8-bit dense weight -> bf16 (CPU)",
