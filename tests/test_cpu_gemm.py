@@ -113,6 +113,7 @@ def test_moe_prefill_f32_route_matches_bf16_route(monkeypatch) -> None:
             inp["w1_bias"], inp["w2_blocks"], inp["w2_scales"], inp["w2_bias"], 7.0, 1.702)
     monkeypatch.setattr(layers, "_MOE_ROWS_MAX", 0)
     monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS_F32", 0)
     monkeypatch.setattr(cpu_gemm, "_rows_per_chunk", lambda rows: 40)
     calls = []
     real = cpu_gemm.mxfp4_linear_f32

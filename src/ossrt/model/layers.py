@@ -22,6 +22,8 @@ _ATTN_SCORES_BUDGET = 1 << 25  # fp32 score elements per query chunk
 _MOE_ROWS_MAX = 64  # up to this many tokens, the whole MoE is one native call (moe_rows)
 _KERNEL_MAX_ROWS = 4  # up to this many tokens per expert, read MXFP4 directly (GEMV regime);
 # more, and the expert is dequantized to bf16 for torch's GEMM (measured crossover: 4-8 rows)
+_KERNEL_MAX_ROWS_F32 = 24  # the same where the GEMMs run in fp32 (cpu_gemm): measured on Zen 1,
+# W [5760, 2880], 24 rows 28 ms native vs 42 ms fp32 GEMM, 32 rows 39 ms both
 _GEMV_MAX_ROWS = 8  # bf16 dense layers with this few rows use the native GEMV (measured at the
 # 20b shape, weights in huge pages: 8 rows 117 ms/step native vs 135 ms torch)
 _Q8_GEMV_MAX_ROWS = 16  # 8-bit dense layers: native GEMV up to this many rows, then bf16 GEMM
@@ -320,7 +322,7 @@ def moe(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: 
         start += c
         rows = sel // top_k  # [c] token indices
         xe = x[rows]  # [c, H]
-        if c <= _KERNEL_MAX_ROWS and native:
+        if c <= (_KERNEL_MAX_ROWS_F32 if f32 else _KERNEL_MAX_ROWS) and native:
             a = swiglu(kernels.mxfp4_linear(xe, w1_blocks[e], w1_scales[e], w1_bias[e]),
                        limit, alpha)  # [c, I]
             y = kernels.mxfp4_linear(a, w2_blocks[e], w2_scales[e], w2_bias[e])  # [c, H]
