@@ -93,6 +93,10 @@ def test_linear_takes_the_f32_route_for_many_rows(monkeypatch) -> None:
     q8 = Q8Weight.quantize(w)
     _close_to_exact(layers.linear(x, q8, b), x, q8.dequantize(torch.bfloat16), b)
     assert len(calls) == 2
+    if kernels.available():  # up to _GEMV_MAX_ROWS_F32 rows the native GEMV beats fp32 there
+        _close_to_exact(layers.linear(x[:layers._GEMV_MAX_ROWS_F32], w, b),
+                        x[:layers._GEMV_MAX_ROWS_F32], w, b)
+        assert len(calls) == 2
     wg = w.clone().requires_grad_()
     layers.linear(x, wg, b).float().sum().backward()
     assert len(calls) == 2 and wg.grad is not None

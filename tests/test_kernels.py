@@ -64,9 +64,9 @@ def test_model_linear_routes_single_rows_to_the_kernel_with_same_result() -> Non
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 96, generator=g).bfloat16()
-    x = torch.randn(12, 96, generator=g).bfloat16()
-    batched = linear(x, w)  # torch path (more rows than _GEMV_MAX_ROWS)
-    rows = torch.cat([linear(x[i:i + 1], w) for i in range(12)])  # kernel path
+    x = torch.randn(40, 96, generator=g).bfloat16()
+    batched = linear(x, w)  # a GEMM (more rows than _GEMV_MAX_ROWS and _GEMV_MAX_ROWS_F32)
+    rows = torch.cat([linear(x[i:i + 1], w) for i in range(40)])  # kernel path
     assert (batched.float() - rows.float()).abs().max() <= 0.02 * batched.float().abs().max()
 
 
