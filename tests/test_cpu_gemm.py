@@ -109,15 +109,9 @@ def test_linear_takes_the_f32_route_for_many_rows(monkeypatch) -> None:
 def test_moe_prefill_f32_route_matches_bf16_route(monkeypatch) -> None:
     """Prefill's per-expert GEMMs in fp32 give what torch's bf16 GEMMs give, up to summation
     order (same rounding points: after each GEMM, after SwiGLU)."""
-    from test_kernels import _moe_inputs
+    from test_kernels import prefill_moe_args
 
-    inp = _moe_inputs(6, 64, 96, seed=9)
-    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    args = (x, inp["router_w"], inp["router_b"], 2, inp["w1_blocks"], inp["w1_scales"],
-            inp["w1_bias"], inp["w2_blocks"], inp["w2_scales"], inp["w2_bias"], 7.0, 1.702)
-    monkeypatch.setattr(layers, "_MOE_ROWS_MAX", 0)
-    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)
-    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS_F32", 0)
+    args = prefill_moe_args(monkeypatch)
     monkeypatch.setattr(cpu_gemm, "_rows_per_chunk", lambda rows: 40)
     calls = []
     real = cpu_gemm.mxfp4_linear_f32

@@ -290,16 +290,23 @@ def test_dequant_is_bit_identical_to_dequantize(shape, dtype) -> None:
         fn(blocks, scales, out.to(torch.float16))
 
 
+def prefill_moe_args(monkeypatch) -> tuple:
+    """`layers.moe` arguments for 80 tokens over 6 experts, with every expert forced onto the
+    per-expert GEMM path (no native single-token or batched-decode call, no direct reads)."""
+    from ossrt.model import layers
+    inp = _moe_inputs(6, 64, 96, seed=9)
+    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for name in ("_MOE_ROWS_MAX", "_KERNEL_MAX_ROWS", "_KERNEL_MAX_ROWS_F32"):
+        monkeypatch.setattr(layers, name, 0)
+    return (x, inp["router_w"], inp["router_b"], 2, inp["w1_blocks"], inp["w1_scales"],
+            inp["w1_bias"], inp["w2_blocks"], inp["w2_scales"], inp["w2_bias"], 7.0, 1.702)
+
+
 def test_moe_prefill_dequant_path_matches_torch_dequantize(monkeypatch) -> None:
     """Many tokens per expert (prefill): the native dequantization into the scratch buffers
     gives the same bits as the torch path, across several experts reusing the buffers."""
     from ossrt.model import cpu_gemm, layers
-    inp = _moe_inputs(6, 64, 96, seed=9)
-    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    args = (x, inp["router_w"], inp["router_b"], 2, inp["w1_blocks"], inp["w1_scales"],
-            inp["w1_bias"], inp["w2_blocks"], inp["w2_scales"], inp["w2_bias"], 7.0, 1.702)
-    monkeypatch.setattr(layers, "_MOE_ROWS_MAX", 0)
-    monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)
+    args = prefill_moe_args(monkeypatch)
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: False)  # torch's bf16 GEMM
     native = layers.moe(*args)
     monkeypatch.setattr(layers.kernels, "available", lambda: False)

@@ -736,13 +736,11 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
 }
 
 // ---- whole-matrix dequantization: the prefill path ----------------------------------------------
-// blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G*32] bf16, bit-identical to
-// `mxfp4.dequantize` (each value is E2M1 * 2^(s-127), exact in bf16 for every scale byte, so
-// the fp32 product's top 16 bits are the bf16 value; byte 255 gives NaN). Prefill then runs
-// torch's GEMM on the result: with tens of tokens per expert the matrix product, not the
-// decode of the packed bytes, is the cost, and oneDNN's bf16 GEMM is near this CPU's peak.
-torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
-                           c10::optional<torch::Tensor> out_opt) {
+// Checks blocks [..., G, 16] / scales [..., G] (made contiguous in place) and returns the
+// [..., G*32] output: the caller's `out` (reused across calls: no fresh pages) or a new tensor.
+static torch::Tensor dequant_out(torch::Tensor& blocks, torch::Tensor& scales,
+                                 const c10::optional<torch::Tensor>& out_opt,
+                                 torch::ScalarType dtype, const char* dtype_name) {
   TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8,
               "blocks and scales must be uint8");
   TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16 &&
@@ -750,17 +748,26 @@ torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
               "blocks [..., G, 16] and scales [..., G] must match");
   blocks = blocks.contiguous();
   scales = scales.contiguous();
-  const int64_t nblk = scales.numel();
+  if (out_opt.has_value()) {
+    TORCH_CHECK(out_opt->scalar_type() == dtype && out_opt->is_contiguous() &&
+                out_opt->numel() == scales.numel() * 32,
+                "out must be a contiguous ", dtype_name, " tensor of [..., G*32]");
+    return *out_opt;
+  }
   std::vector<int64_t> shape(scales.sizes().begin(), scales.sizes().end());
   shape.back() *= 32;
-  torch::Tensor out;
-  if (out_opt.has_value()) {  // a caller's buffer (reused across calls: no fresh pages)
-    out = *out_opt;
-    TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() &&
-                out.numel() == nblk * 32, "out must be a contiguous bf16 tensor of [..., G*32]");
-  } else {
-    out = torch::empty(shape, blocks.options().dtype(torch::kBFloat16));
-  }
+  return torch::empty(shape, blocks.options().dtype(dtype));
+}
+
+// blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G*32] bf16, bit-identical to
+// `mxfp4.dequantize` (each value is E2M1 * 2^(s-127), exact in bf16 for every scale byte, so
+// the fp32 product's top 16 bits are the bf16 value; byte 255 gives NaN). Prefill then runs
+// torch's GEMM on the result: with tens of tokens per expert the matrix product, not the
+// decode of the packed bytes, is the cost, and oneDNN's bf16 GEMM is near this CPU's peak.
+torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
+                           c10::optional<torch::Tensor> out_opt) {
+  torch::Tensor out = dequant_out(blocks, scales, out_opt, torch::kBFloat16, "bf16");
+  const int64_t nblk = scales.numel();
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());  // 2 values per word
@@ -803,24 +810,8 @@ torch::Tensor dequant_bf16(torch::Tensor blocks, torch::Tensor scales,
 // GEMM runs in fp32 (torch's bf16 GEMM there is ~5x slower than its fp32 one).
 torch::Tensor dequant_f32(torch::Tensor blocks, torch::Tensor scales,
                           c10::optional<torch::Tensor> out_opt) {
-  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8,
-              "blocks and scales must be uint8");
-  TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16 &&
-              blocks.sizes().slice(0, blocks.dim() - 1) == scales.sizes(),
-              "blocks [..., G, 16] and scales [..., G] must match");
-  blocks = blocks.contiguous();
-  scales = scales.contiguous();
+  torch::Tensor out = dequant_out(blocks, scales, out_opt, torch::kFloat32, "float32");
   const int64_t nblk = scales.numel();
-  std::vector<int64_t> shape(scales.sizes().begin(), scales.sizes().end());
-  shape.back() *= 32;
-  torch::Tensor out;
-  if (out_opt.has_value()) {
-    out = *out_opt;
-    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
-                out.numel() == nblk * 32, "out must be a contiguous float32 tensor of [..., G*32]");
-  } else {
-    out = torch::empty(shape, blocks.options().dtype(torch::kFloat32));
-  }
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
