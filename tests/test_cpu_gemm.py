@@ -73,9 +73,10 @@ def test_route_follows_the_cpu_and_the_override(monkeypatch) -> None:
     x = torch.ones(3, 4, dtype=torch.bfloat16)
     w = torch.ones(5, 4, dtype=torch.bfloat16, requires_grad=True)
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: True)
-    assert cpu_gemm.use_f32(x, w.detach())
-    assert not cpu_gemm.use_f32(x, w)  # autograd keeps torch's GEMM (scratch has no backward)
-    assert not cpu_gemm.use_f32(x.float(), w.detach().float())
+    with torch.no_grad():
+        assert cpu_gemm.use_f32(x, w)
+        assert not cpu_gemm.use_f32(x.float(), w.detach().float())
+    assert not cpu_gemm.use_f32(x, w.detach())  # autograd on: torch's GEMM (training)
 
 
 def test_linear_takes_the_f32_route_for_many_rows(monkeypatch) -> None:
@@ -89,17 +90,19 @@ def test_linear_takes_the_f32_route_for_many_rows(monkeypatch) -> None:
     w = torch.randn(48, 64, generator=g).bfloat16()
     b = torch.randn(48, generator=g).bfloat16()
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: True)
-    _close_to_exact(layers.linear(x, w, b), x, w, b)
     q8 = Q8Weight.quantize(w)
-    _close_to_exact(layers.linear(x, q8, b), x, q8.dequantize(torch.bfloat16), b)
-    assert len(calls) == 2
-    if kernels.available():  # up to _GEMV_MAX_ROWS_F32 rows the native GEMV beats fp32 there
-        _close_to_exact(layers.linear(x[:layers._GEMV_MAX_ROWS_F32], w, b),
-                        x[:layers._GEMV_MAX_ROWS_F32], w, b)
+    with torch.inference_mode():  # as the engine runs
+        _close_to_exact(layers.linear(x, w, b), x, w, b)
+        _close_to_exact(layers.linear(x, q8, b), x, q8.dequantize(torch.bfloat16), b)
         assert len(calls) == 2
-    wg = w.clone().requires_grad_()
-    layers.linear(x, wg, b).float().sum().backward()
-    assert len(calls) == 2 and wg.grad is not None
+        if kernels.available():  # up to _GEMV_MAX_ROWS_F32 rows the native GEMV beats fp32
+            _close_to_exact(layers.linear(x[:layers._GEMV_MAX_ROWS_F32], w, b),
+                            x[:layers._GEMV_MAX_ROWS_F32], w, b)
+            assert len(calls) == 2
+    # training: x without grad through a frozen base weight, a LoRA-style trainable term
+    xg, lora = x.clone(), torch.zeros(48, dtype=torch.bfloat16, requires_grad=True)
+    (layers.linear(xg, w, b) + lora).float().sum().backward()
+    assert len(calls) == 2 and lora.grad is not None
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: False)
     assert torch.equal(layers.linear(x, w, b), F.linear(x, w, b))
     assert len(calls) == 2
@@ -117,7 +120,8 @@ def test_moe_prefill_f32_route_matches_bf16_route(monkeypatch) -> None:
     real = cpu_gemm.mxfp4_linear_f32
     monkeypatch.setattr(layers, "mxfp4_linear_f32", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: True)
-    f32 = layers.moe(*args)
+    with torch.no_grad():
+        f32 = layers.moe(*args)
     used = len(calls)
     assert used == 2 * 6  # two GEMMs for each of the 6 experts (80 tokens x 2 reach them all)
     monkeypatch.setattr(cpu_gemm, "bf16_via_f32", lambda: False)
@@ -139,3 +143,16 @@ def test_scratch_made_in_inference_mode_is_writable_outside() -> None:
     with torch.inference_mode():
         a = cpu_gemm.linear_f32(x, w, None)
     torch.testing.assert_close(cpu_gemm.linear_f32(x, w, None), a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 20])
+def test_linear_stays_differentiable_at_gemv_row_counts(rows: int) -> None:
+    """The native GEMVs have no backward: with autograd on and x requiring grad, `linear`
+    keeps torch's product, and the gradient reaches x."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    layers.linear(x, w).float().sum().backward()
+    assert x.grad is not None
+    want = w.float().sum(0).expand(rows, 64).bfloat16().float()
+    torch.testing.assert_close(x.grad.float(), want)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from . import kernels
 
 
-
 def _rows_per_chunk(m: int) -> int:
     """Rows of W converted to fp32 per GEMM: the fp32 chunk (rows x K x 4 bytes, ~3-6 MiB at
     K = 2,880) stays in the cache between the conversion and the GEMM, and there is never an
@@ -44,10 +43,10 @@ def bf16_via_f32() -> bool:
 
 
 def use_f32(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w^T (both bf16, CPU, no autograd) takes the fp32 route."""
+    """Whether x @ w^T (both bf16, CPU) takes the fp32 route: only with autograd off (inference),
+    since the scratch buffers and chunked writes are not differentiable as one product."""
     return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and bf16_via_f32())
+            and not torch.is_grad_enabled() and bf16_via_f32())
 
 
 _SCRATCH = threading.local()

@@ -42,9 +42,12 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
     to bf16 for torch's GEMM (prefill).
     """
     rows = x.numel() // x.shape[-1]
+    grad = torch.is_grad_enabled() and (x.requires_grad or (  # the native GEMVs have no backward
+        isinstance(w, torch.Tensor) and w.requires_grad) or (b is not None and b.requires_grad))
     native = x.device.type == "cpu" and kernels.available()
+    gemv = native and not grad
     if isinstance(w, Q8Weight):
-        if x.dtype == torch.bfloat16 and 0 < rows <= _Q8_GEMV_MAX_ROWS and native:
+        if x.dtype == torch.bfloat16 and 0 < rows <= _Q8_GEMV_MAX_ROWS and gemv:
             y = kernels.q8_linear(x.reshape(rows, -1), w.q, w.scale, b)
             return y.view(*x.shape[:-1], w.shape[0]).to(out_dtype or x.dtype)
         if native and x.dtype == torch.bfloat16:
@@ -55,7 +58,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
             return linear_f32(x, wd, b, out_dtype)
         y = F.linear(x, wd, b)
         return y if out_dtype is None else y.to(out_dtype)
-    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and native and 0 < rows <= (
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and gemv and 0 < rows <= (
             _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS)):
         if out_dtype in (None, torch.bfloat16):
             return kernels.bf16_linear_bf16(x.reshape(rows, -1), w, b).view(*x.shape[:-1], -1)
