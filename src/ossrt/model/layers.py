@@ -12,8 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from . import cpu_gemm
+from . import cpu_gemm, kernels
 from .cpu_gemm import linear_f32, mxfp4_linear_f32, scratch, use_f32
 from .config import GptOssConfig, yarn_low_high
 from .mxfp4 import dequantize
@@ -36,10 +35,12 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T + b -> [..., N] in `out_dtype` (default x's dtype).
 
-    Up to `_GEMV_MAX_ROWS` bf16 rows on the CPU (decode) go through the native GEMV, which
-    reads the weight at memory bandwidth; everything else through torch. An 8-bit `Q8Weight`
-    goes through the native 8-bit GEMV for up to `_Q8_GEMV_MAX_ROWS` rows, else it is expanded
-    to bf16 for torch's GEMM (prefill).
+    Up to `_GEMV_MAX_ROWS` bf16 rows on the CPU (decode; `_GEMV_MAX_ROWS_F32` where GEMMs run
+    in fp32) go through the native GEMV, which reads the weight at memory bandwidth; everything
+    else through a GEMM: torch's, or `cpu_gemm.linear_f32` on CPUs without bf16 matrix
+    instructions. An 8-bit `Q8Weight` goes through the native 8-bit GEMV for up to
+    `_Q8_GEMV_MAX_ROWS` rows, else it is expanded to bf16 for the GEMM (prefill). The native
+    GEMVs have no backward: with autograd recording, torch's product is used.
     """
     rows = x.numel() // x.shape[-1]
     grad = torch.is_grad_enabled() and (x.requires_grad or (  # the native GEMVs have no backward
