@@ -99,10 +99,10 @@ def _x_quant_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 33, 160), (2, 17, 96), (3, 40, 32),
-                                   (1, 7, 224)])
+                                   (1, 7, 224), (1, 9, 544), (2, 5, 2880)])
 def test_mxfp4_linear_bf16_matches_dequantized_matmul(m: int, n: int, k: int) -> None:
     """bf16 activations: blocks decoded to bf16, fp32 accumulation, scale applied in fp32
-    (k/32 = 2, 5, 3, 1, 7 blocks: the 4-wide unrolled loop and its tail)."""
+    (k/32 = 2, 5, 3, 1, 7, 17, 90 blocks: the unrolled 4- or 8-block loops and their tails)."""
     g = torch.Generator().manual_seed(m * 31 + n + k)
     blocks = torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(100, 140, (n, k // 32), dtype=torch.uint8, generator=g)
@@ -210,6 +210,25 @@ def test_attn_decode_probabilities_to_one_bf16_ulp() -> None:
                            sinks.double(), s - 1, 0, None, d ** -0.5)[0, 0]
     assert ref[:, :s].sum(-1).lt(1).all() and ref.max() > 0.1  # a spread, peaked softmax
     assert ((got - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-30).all()
+
+
+@pytest.mark.parametrize("where", [3, 40, 89])
+def test_mxfp4_row_scale_maximum_anywhere_in_the_row(where: int) -> None:
+    """K = 2,880 (90 blocks): the row's largest scale byte sits in the first 32 blocks, the
+    second, or the last 26 (read by an overlapping load); each must be found (a maximum
+    missed by 2^140 would overflow the blocks' fp32 factors), and so must a NaN scale (255)."""
+    g = torch.Generator().manual_seed(where)
+    blocks = torch.randint(0, 256, (4, 90, 16), dtype=torch.uint8, generator=g)
+    scales = torch.full((4, 90), 100, dtype=torch.uint8)
+    scales[:, where] = 240
+    scales[3, where] = 255  # a NaN block, in the same place
+    x = torch.randn(1, 2880, generator=g).bfloat16()
+    got = kernels._load().mxfp4_linear_bf16(x, blocks, scales, None).double()
+    assert torch.isnan(got[0, 3])
+    got, w = got[:, :3], dequantize(blocks[:3], scales[:3], torch.float32)
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    bound = _x_quant_bound(x, w)
+    assert ((got - ref).abs() <= 1e-5 * ref.abs() + 1e-5 * ref.abs().max() + bound).all()
 
 
 def test_mxfp4_linear_bf16_four_block_steps_and_scale_edges() -> None:

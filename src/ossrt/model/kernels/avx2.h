@@ -114,11 +114,24 @@ inline void bf16_dot(const uint16_t* w, const float* xs, int64_t K, int64_t M, f
 // ---- MXFP4 weights ----------------------------------------------------------------------------
 
 // Prepared x of K values (G = K / 32 blocks): int16 q [K] followed by G fp32 scales d;
-// `mxfp4_prep_len` uint16 words in all. q is laid out for `mxfp4_dot`: blocks in pairs, each
-// pair as 4 vectors of [8 values of block 2p | 8 of block 2p + 1] (a lone last block: 4 x 8),
-// vector t holding quarter t of its blocks: t = 0, 1 the even values j = 0..7, 8..15 (x[2j]),
-// t = 2, 3 the odd ones (x[2j + 1]), the order in which the decoded nibbles come out.
+// `mxfp4_prep_len` uint16 words in all. q is laid out for `mxfp4_dot` in units of two blocks
+// (a, b): 4 vectors of [8 values of a | 8 of b], vector t holding quarter t of both blocks:
+// t = 0, 1 the even values j = 0..7, 8..15 (x[2j]), t = 2, 3 the odd ones (x[2j + 1]), the
+// order in which the decoded nibbles come out. Blocks 8c..8c+7 of each whole group of 8 form
+// the units (8c + i, 8c + 4 + i), i = 0..3, so that the sums come out in block order; the
+// blocks after the last whole group pair up in turn (a lone last block: 4 x 8 values).
 inline int64_t mxfp4_prep_len(int64_t K) { return K + 2 * (K / 32); }
+
+// block g -> (its unit, its lane in the unit, lanes in the unit)
+inline void mxfp4_unit_of(int64_t g, int64_t G, int64_t& unit, int64_t& lane, int64_t& lanes) {
+  const int64_t whole = G / 8 * 8;
+  if (g < whole) {
+    unit = g / 8 * 4 + g % 4, lane = g % 8 / 4, lanes = 2;
+  } else {
+    unit = (whole + (g - whole) / 2 * 2) / 2, lane = (g - whole) % 2;
+    lanes = (g == G - 1 && (G - whole) % 2) ? 1 : 2;
+  }
+}
 
 inline void mxfp4_prep_x(const uint16_t* x, int64_t K, uint16_t* out) {
   const int64_t G = K / 32;
@@ -133,12 +146,13 @@ inline void mxfp4_prep_x(const uint16_t* x, int64_t K, uint16_t* out) {
     const bool finite = std::isfinite(amax);  // inf / NaN in the block: d = NaN, as the sum
     const float d = finite ? amax / 32767.f : NAN;
     const float inv = (finite && amax > 0.f) ? 32767.f / amax : 0.f;
-    const int64_t pair = g / 2, lane = g % 2, lanes = (g == G - 1 && G % 2) ? 1 : 2;
+    int64_t unit, lane, lanes;
+    mxfp4_unit_of(g, G, unit, lane, lanes);
     for (int t = 0; t < 4; ++t)
       for (int i = 0; i < 8; ++i) {
         const int j = 8 * (t % 2) + i;  // the j-th even (t < 2) or odd value
         const float r = std::nearbyint(v[2 * j + t / 2] * inv);
-        q[pair * 64 + t * 8 * lanes + lane * 8 + i] =
+        q[unit * 64 + t * 8 * lanes + lane * 8 + i] =
             static_cast<int16_t>(std::fmin(32767.f, std::fmax(-32767.f, r)));
       }
     std::memcpy(out + K + 2 * g, &d, 4);
@@ -151,30 +165,42 @@ inline __m256i e2m1x2_lut() {
                           0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
 }
 
-// The largest scale byte of a row other than 255 (0 if none).
+// The largest scale byte of a row (0 if none), or -1 if any is 255 (a NaN block: the row's dot
+// product is NaN whatever x is).
 inline int mxfp4_row_max_scale(const uint8_t* s, int64_t G) {
   int64_t g = 0;
-  __m256i mv = _mm256_setzero_si256();
+  __m256i mv = _mm256_setzero_si256(), nan = _mm256_setzero_si256();
   const __m256i all = _mm256_set1_epi8(-1);
   for (; g + 32 <= G; g += 32) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g));
-    mv = _mm256_max_epu8(mv, _mm256_andnot_si256(_mm256_cmpeq_epi8(v, all), v));
+    mv = _mm256_max_epu8(mv, v);
+    nan = _mm256_or_si256(nan, _mm256_cmpeq_epi8(v, all));
   }
+  if (g < G && G >= 32) {  // the last 32 bytes, overlapping the ones already seen
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + G - 32));
+    mv = _mm256_max_epu8(mv, v);
+    nan = _mm256_or_si256(nan, _mm256_cmpeq_epi8(v, all));
+    g = G;
+  }
+  if (!_mm256_testz_si256(nan, nan)) return -1;
   __m128i m = _mm_max_epu8(_mm256_castsi256_si128(mv), _mm256_extracti128_si256(mv, 1));
   m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
   m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
   m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
   m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
   int r = _mm_cvtsi128_si32(m) & 0xFF;
-  for (; g < G; ++g) r = s[g] != 255 && s[g] > r ? s[g] : r;
+  for (; g < G; ++g) {
+    if (s[g] == 255) return -1;
+    r = s[g] > r ? s[g] : r;
+  }
   return r;
 }
 
-// The factor of one block against x: 2^(s - m) * d / 512 (m: the row's largest scale byte; the
-// 1/512 undoes the table's factor 2 and the weights' place in the high byte of each 16-bit word,
-// x 256); NaN for byte 255 (OCP MX). Scaling by 2^(m - 127) once per row, last, keeps these
-// factors normal fp32 even for scale byte 0; a block whose scale is below 2^-117 of the row's
-// largest counts as zero.
+// The factor of one block against x: 2^(s - m) * d / 512 (m: the row's largest scale byte,
+// s != 255; the 1/512 undoes the table's factor 2 and the weights' place in the high byte of
+// each 16-bit word, x 256). Scaling by 2^(m - 127) once per row, last, keeps these factors
+// normal fp32 even for scale byte 0; a block whose scale is below 2^-117 of the row's largest
+// counts as zero.
 // 2^e for -149 <= e <= 127 (denormal below -126), built from its bits: std::ldexp is a libm
 // call, and K = 2,880 leaves two blocks per row to the scalar tail (~10% of a row's time).
 inline float pow2i(int e) {
@@ -187,26 +213,22 @@ inline float pow2i(int e) {
 
 inline float mxfp4_factor(uint8_t s, int m, float d) {
   const int ex = s + 118 - m;
-  return s == 255 ? NAN : (ex > 0 ? pow2i(ex - 127) : 0.f) * d;
+  return (ex > 0 ? pow2i(ex - 127) : 0.f) * d;
 }
 
-// The same for 8 blocks (scale bytes s[0..7], x scales d[0..7]), in the order in which
-// `mxfp4_dot` finishes them: 0, 2, 4, 6, 1, 3, 5, 7.
+// The same for 8 blocks (scale bytes s[0..7], x scales d[0..7]), in block order.
 inline __m256 mxfp4_factors8(const uint8_t* s, __m256i bias, const float* d) {
   const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
-  __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(
+  const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_max_epi32(_mm256_add_epi32(e, bias), _mm256_setzero_si256()), 23));
-  f = _mm256_blendv_ps(f, _mm256_set1_ps(NAN),
-                       _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(255))));
-  return _mm256_permutevar8x32_ps(_mm256_mul_ps(f, _mm256_loadu_ps(d)),
-                                  _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+  return _mm256_mul_ps(f, _mm256_loadu_ps(d));
 }
 
-// Two blocks' integer dot products (block g in the low 128 bits: 4 partial sums; g + 1 in the
-// high 128 bits): weights decoded to int8 by one byte shuffle, placed in the high byte of 16-bit
-// words (so x 256: |w| <= 12 * 256, four vpmaddwd sums stay below 2^30), times x by vpmaddwd.
-inline __m256i mxfp4_pair(const uint8_t* b, const __m256i* x, __m256i lut, __m256i low4) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+// Two blocks' integer dot products (block a's 16 bytes in the low 128 bits of v: 4 partial
+// sums; block b's in the high 128 bits): weights decoded to int8 by one byte shuffle, placed in
+// the high byte of 16-bit words (so x 256: |w| <= 12 * 256, four vpmaddwd sums stay below
+// 2^30), times x by vpmaddwd.
+inline __m256i mxfp4_pair(__m256i v, const __m256i* x, __m256i lut, __m256i low4) {
   const __m256i we = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
   const __m256i wo = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
   const __m256i z = _mm256_setzero_si256();
@@ -216,31 +238,40 @@ inline __m256i mxfp4_pair(const uint8_t* b, const __m256i* x, __m256i lut, __m25
   return _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_unpackhi_epi8(z, wo), _mm256_loadu_si256(x + 3)));
 }
 
+// blocks a (low 128 bits) and b (high) of a packed row
+inline __m256i mxfp4_load2(const uint8_t* a, const uint8_t* b) {
+  return _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1);
+}
+
 // One packed row (G blocks: brow [G, 16] bytes, srow [G] scale bytes) against one prepared x.
-// Per 8 blocks, two rounds of vphaddd leave one int32 per block, scaled by its factor (exact
-// integer sums, fp32 from there on).
+// Per 8 blocks, two rounds of vphaddd leave one int32 per block, in block order, scaled by its
+// factor (exact integer sums, fp32 from there on).
 inline float mxfp4_dot(const uint8_t* brow, const uint8_t* srow, int64_t G, const uint16_t* xprep,
                        int64_t K) {
   const __m256i lut = e2m1x2_lut(), low4 = _mm256_set1_epi8(0x0F);
   const __m256i* xq = reinterpret_cast<const __m256i*>(xprep);
   const float* dx = reinterpret_cast<const float*>(xprep + K);
   const int m = mxfp4_row_max_scale(srow, G);
+  if (m < 0) return NAN;
   const __m256i bias = _mm256_set1_epi32(118 - m);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
-    const __m256i p0 = mxfp4_pair(brow + g * 16, xq + g * 2, lut, low4);
-    const __m256i p1 = mxfp4_pair(brow + g * 16 + 32, xq + g * 2 + 4, lut, low4);
-    const __m256i p2 = mxfp4_pair(brow + g * 16 + 64, xq + g * 2 + 8, lut, low4);
-    const __m256i p3 = mxfp4_pair(brow + g * 16 + 96, xq + g * 2 + 12, lut, low4);
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-    const __m256 c = mxfp4_factors8(srow + g, bias, dx + g);
-    if (g & 8) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), c, acc1);
-    else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), c, acc0);
+    const uint8_t* b = brow + g * 16;
+    const __m256i* x = xq + g * 2;
+    const __m256i h01 = _mm256_hadd_epi32(mxfp4_pair(mxfp4_load2(b, b + 64), x, lut, low4),
+                                          mxfp4_pair(mxfp4_load2(b + 16, b + 80), x + 4, lut, low4));
+    const __m256i h23 = _mm256_hadd_epi32(mxfp4_pair(mxfp4_load2(b + 32, b + 96), x + 8, lut, low4),
+                                          mxfp4_pair(mxfp4_load2(b + 48, b + 112), x + 12, lut, low4));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(h01, h23)),
+                          mxfp4_factors8(srow + g, bias, dx + g), acc);
   }
-  float total = hsum(_mm256_add_ps(acc0, acc1));
+  float total = hsum(acc);
   for (; g + 2 <= G; g += 2) {
-    const __m256i p = mxfp4_pair(brow + g * 16, xq + g * 2, lut, low4);
+    const __m256i p = mxfp4_pair(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(brow + g * 16)), xq + g * 2, lut, low4);
     const __m128i lo = _mm256_castsi256_si128(p), hi = _mm256_extracti128_si256(p, 1);
     __m128i h = _mm_hadd_epi32(lo, hi);
     h = _mm_hadd_epi32(h, h);  // [block g, block g + 1, ...]
