@@ -18,25 +18,37 @@ from torch.utils.cpp_extension import load
 
 from ossrt.model import hugepages
 
-SRC = Path(__file__).resolve().parents[1] / "src/ossrt/model/kernels/mxfp4_cpu.cpp"
+KDIR = Path(__file__).resolve().parents[1] / "src/ossrt/model/kernels"
 L, E, I, H, K = 6, 32, 2880, 2880, 4
 
 
-def build(name: str, source: str, tmp: Path) -> object:
+def build(name: str, files: dict[str, str], tmp: Path) -> object:
+    """Compiles the kernel sources `files` (file name -> text, headers included) as one module."""
     d = tmp / name
     d.mkdir()
-    (d / f"{name}.cpp").write_text(source)
-    return load(name=f"ab_{name}", sources=[str(d / f"{name}.cpp")],
+    for fname, text in files.items():
+        (d / fname).write_text(text)
+    sources = [str(d / f) for f in files if f.endswith(".cpp")]
+    return load(name=f"ab_{name}", sources=sources,
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
 
 
+def kernel_files(rev: str | None) -> dict[str, str]:
+    """The kernel directory's .cpp and .h files at git revision `rev`, or in the tree if None."""
+    if rev is None:
+        return {f.name: f.read_text() for f in KDIR.iterdir() if f.suffix in (".cpp", ".h")}
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "."], capture_output=True,
+                           text=True, check=True, cwd=KDIR).stdout.split()
+    return {n: subprocess.run(["git", "show", f"{rev}:./{n}"], capture_output=True, text=True,
+                              check=True, cwd=KDIR).stdout
+            for n in names if n.endswith((".cpp", ".h"))}
+
+
 def main() -> None:
     rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD~1"
-    old = subprocess.run(["git", "show", f"{rev}:src/ossrt/model/kernels/mxfp4_cpu.cpp"],
-                         capture_output=True, text=True, check=True, cwd=SRC.parent).stdout
     tmp = Path(tempfile.mkdtemp())
-    mods = {rev: build("old", old, tmp), "tree": build("new", SRC.read_text(), tmp)}
+    mods = {rev: build("old", kernel_files(rev), tmp), "tree": build("new", kernel_files(None), tmp)}
     g = torch.Generator().manual_seed(0)
     hp = hugepages.to_hugepages
     layers = [(hp(torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, generator=g)),

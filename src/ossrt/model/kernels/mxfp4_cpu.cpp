@@ -552,15 +552,24 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
 // The SwiGLU input is rounded to bf16 (as the torch path does), the rest stays fp32.
 // rows x [2I] fp32 gate/up (interleaved: even = gate, odd = linear; each rounded to bf16 as
 // torch's bf16 path does) -> act rows x [I] bf16 = clamped SwiGLU, plus each row permuted for
-// row_dot (aperm). Same math as `swiglu` in layers.py.
+// row_dot (aperm). Same math as `swiglu` in layers.py. Parallel over (row, quarter of a row):
+// each element is computed alone, so the split does not change any result.
 static void swiglu_rows(const float* hp, int64_t rows, int64_t I, int64_t G2, float lim,
                         float alp, uint16_t* ap, uint16_t* aperm) {
-  for (int64_t j = 0; j < rows * I; ++j) {
-    const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
-    const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
-    ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
-  }
-  for (int64_t r = 0; r < rows; ++r) prep_x(ap + r * I, G2, aperm + r * prep_len(I));
+  const int64_t Q = 4, span = (I + Q - 1) / Q;
+  at::parallel_for(0, rows * Q, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / Q, j0 = r * I + (t % Q) * span, j1 = std::min(j0 + span, (r + 1) * I);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
+        const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
+        ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
+      }
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) prep_x(ap + r * I, G2, aperm + r * prep_len(I));
+  });
 }
 
 torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
@@ -908,11 +917,27 @@ static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, con
   for (int64_t g = 0; g < G16; ++g, b += 16) {
     const uint8_t* wg = w + g * 512;
     const int8_t* xg = xq + g * 512;
-    __m512i acc = _mm512_loadu_si512(cx + b);
-    for (int t = 0; t < 8; ++t)
-      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(wg + 64 * t), _mm512_loadu_si512(xg + 64 * t));
+    // two chains of four (vpdpbusd's latency, not its throughput, bounds one chain of eight);
+    // integer sums, so the split is exact
+    __m512i acc0 = _mm512_loadu_si512(cx + b), acc1 = _mm512_setzero_si512();
+    for (int t = 0; t < 8; t += 2) {
+      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(wg + 64 * t), _mm512_loadu_si512(xg + 64 * t));
+      acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(wg + 64 * t + 64),
+                                 _mm512_loadu_si512(xg + 64 * t + 64));
+    }
+    const __m512i acc = _mm512_add_epi32(acc0, acc1);
     tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
                           _mm512_mul_ps(_mm512_loadu_ps(ws + b), _mm512_loadu_ps(dx + b)), tot);
+  }
+  // the plain-order tail, two blocks (64 bytes) per step: int32 lanes 0-7 hold block b's
+  // partial sums (and its -128 sum(x) term in lane 0), lanes 8-15 block b + 1's
+  for (; b + 2 <= G; b += 2) {
+    __m512i acc = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0x0001, cx[b]);
+    acc = _mm512_mask_set1_epi32(acc, 0x0100, cx[b + 1]);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w + b * 32), _mm512_loadu_si512(xq + b * 32));
+    const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[b] * dx[b]),
+                                           _mm512_set1_ps(ws[b + 1] * dx[b + 1]));
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, tot);
   }
   total = _mm512_reduce_add_ps(tot);
 #elif defined(OSSRT_AVX2)
