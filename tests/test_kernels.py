@@ -47,7 +47,9 @@ def test_fallback_when_kernels_are_switched_off() -> None:
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 50, 64), (2, 33, 96), (5, 17, 32), (1, 9, 40), (3, 8, 160),
-                                   (4, 33, 2880), (8, 6, 64), (9, 7, 96), (17, 5, 32)])
+                                   (4, 33, 2880), (8, 6, 64), (9, 7, 96), (17, 5, 32),
+                                   # tiles of 4 weight rows with 1-3 left over, groups of 1-4 x rows
+                                   (6, 19, 96), (7, 14, 64), (3, 13, 2880), (8, 41, 160), (5, 3, 64)])
 def test_bf16_linear_matches_float64(m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(m * 7 + n)
     x = torch.randn(m, k, generator=g).bfloat16()

@@ -134,27 +134,52 @@ static inline void bf16_row_dot(const uint16_t* wr, const uint16_t* x, int64_t K
   for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 }
 
-// Two weight rows against R rows of x (R >= 3): each x load feeds two dot products, halving the
-// traffic of x (which, at 8 rows of 2,880, no longer fits L1) per weight byte.
-template <int R>
-static inline void bf16_row2_dot(const uint16_t* w0r, const uint16_t* w1r, const uint16_t* x,
-                                 int64_t K, float* out0, float* out1) {
-  __m512 a[R], b[R];
-  for (int i = 0; i < R; ++i) a[i] = b[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w0r + k) + OSSRT_PF_BF16, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1r + k) + OSSRT_PF_BF16, _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w0r + k);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w1r + k);
+// NW consecutive weight rows (w, w + K, ...) against R rows of x given interleaved per 32-wide
+// step (xi [K/32][R][32]: the R rows' values k..k+31 lie together, all in L1 for R <= 4) ->
+// out[r * R + i] = row r . x row i. One accumulator per (r, i), summed in k order, so each result
+// is the same whatever NW and R are. While the tile is read, `ahead` (the tile DT tiles on, laid
+// out as one span) is prefetched into L2, nl lines per step: with the weights streamed from memory
+// and ~NW*R dot products per line, the hardware prefetcher alone leaves the loads waiting.
+template <int NW, int R>
+static inline void bf16_tile(const uint16_t* w, const uint16_t* xi, int64_t K, float* out,
+                             const char* ahead, int nl) {
+  __m512 a[NW][R];
+  for (int r = 0; r < NW; ++r)
+    for (int i = 0; i < R; ++i) a[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0, s = 0; k < K; k += 32, ++s) {
+    for (int j = 0; j < nl; ++j) _mm_prefetch(ahead + (s * nl + j) * 64, _MM_HINT_T1);
+    __m512bh wv[NW];
+    for (int r = 0; r < NW; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    const uint16_t* xk = xi + k * R;
     for (int i = 0; i < R; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
-      a[i] = _mm512_dpbf16_ps(a[i], w0, xv);
-      b[i] = _mm512_dpbf16_ps(b[i], w1, xv);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + i * 32);
+      for (int r = 0; r < NW; ++r) a[r][i] = _mm512_dpbf16_ps(a[r][i], wv[r], xv);
     }
   }
-  for (int i = 0; i < R; ++i) {
-    out0[i] = _mm512_reduce_add_ps(a[i]);
-    out1[i] = _mm512_reduce_add_ps(b[i]);
+  for (int r = 0; r < NW; ++r)
+    for (int i = 0; i < R; ++i) out[r * R + i] = _mm512_reduce_add_ps(a[r][i]);
+}
+
+// One tile of NW weight rows against all M rows of x, in groups of 4 (xi: one interleaved
+// [K/32][R][32] block per group, R = min(4, rows left)) -> y[m, n0 + r].
+template <int NW>
+static inline void bf16_tile_rows(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t K,
+                                  int64_t N, int64_t n0, const float* bp, float* yp,
+                                  const char* ahead, int nl) {
+  float o[NW * 4];
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int R = static_cast<int>(std::min<int64_t>(4, M - m0));
+    const uint16_t* xg = xi + m0 * K;
+    const int pl = m0 == 0 ? nl : 0;  // the next tile is prefetched once, by the first group
+    switch (R) {
+      case 1: bf16_tile<NW, 1>(w, xg, K, o, ahead, pl); break;
+      case 2: bf16_tile<NW, 2>(w, xg, K, o, ahead, pl); break;
+      case 3: bf16_tile<NW, 3>(w, xg, K, o, ahead, pl); break;
+      default: bf16_tile<NW, 4>(w, xg, K, o, ahead, pl); break;
+    }
+    for (int r = 0; r < NW; ++r)
+      for (int i = 0; i < R; ++i)
+        yp[(m0 + i) * N + n0 + r] = o[r * R + i] + (bp ? bp[n0 + r] : 0.f);
   }
 }
 #endif
@@ -178,30 +203,26 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   }
 #if defined(__AVX512BF16__)
   if (K % 32 == 0) {
-    if (M >= 3) {  // pairs of weight rows (N is split on even boundaries)
-      at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
-        float d0[8], d1[8];
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n = 2 * p, n2 = std::min(n + 1, N - 1);  // odd N: last row twice
-          const uint16_t* w0r = wp + n * K;
-          const uint16_t* w1r = wp + n2 * K;
-          for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const int64_t mc = std::min<int64_t>(8, M - m0);
-            const uint16_t* xr = xp + m0 * K;
-            switch (mc) {
-              case 1: bf16_row2_dot<1>(w0r, w1r, xr, K, d0, d1); break;
-              case 2: bf16_row2_dot<2>(w0r, w1r, xr, K, d0, d1); break;
-              case 3: bf16_row2_dot<3>(w0r, w1r, xr, K, d0, d1); break;
-              case 4: bf16_row2_dot<4>(w0r, w1r, xr, K, d0, d1); break;
-              case 5: bf16_row2_dot<5>(w0r, w1r, xr, K, d0, d1); break;
-              case 6: bf16_row2_dot<6>(w0r, w1r, xr, K, d0, d1); break;
-              case 7: bf16_row2_dot<7>(w0r, w1r, xr, K, d0, d1); break;
-              default: bf16_row2_dot<8>(w0r, w1r, xr, K, d0, d1); break;
-            }
-            for (int64_t i = 0; i < mc; ++i) {
-              yp[(m0 + i) * N + n] = d0[i] + (bp ? bp[n] : 0.f);
-              if (n2 != n) yp[(m0 + i) * N + n2] = d1[i] + (bp ? bp[n2] : 0.f);
-            }
+    if (M >= 3) {  // tiles of 4 weight rows x groups of up to 4 rows of x (bf16_tile)
+      std::vector<uint16_t> xi(M * K);  // per group of 4 rows: [K/32][R][32]
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t R = std::min<int64_t>(4, M - m0);
+        for (int64_t i = 0; i < R; ++i)
+          for (int64_t k = 0; k < K; k += 32)
+            std::memcpy(&xi[m0 * K + k * R + i * 32], xp + (m0 + i) * K + k, 64);
+      }
+      const int64_t T = N / 4, nl = (4 * K * 2 / 64 + K / 32 - 1) / (K / 32);  // lines a step
+      at::parallel_for(0, T + (N % 4 ? 1 : 0), 4, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = 4 * t;
+          const char* ahead = reinterpret_cast<const char*>(wp + std::min(n0 + 8, N - 1) * K);
+          const int pl = n0 + 8 + 4 <= N ? static_cast<int>(nl) : 0;
+          const uint16_t* w = wp + n0 * K;
+          switch (std::min<int64_t>(4, N - n0)) {
+            case 1: bf16_tile_rows<1>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
+            case 2: bf16_tile_rows<2>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
+            case 3: bf16_tile_rows<3>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
+            default: bf16_tile_rows<4>(w, xi.data(), M, K, N, n0, bp, yp, ahead, pl); break;
           }
         }
       });
