@@ -61,6 +61,19 @@ def test_bf16_linear_matches_float64(m: int, n: int, k: int) -> None:
     assert torch.allclose(got.double(), ref, atol=1e-4, rtol=1e-5)  # fp32 accumulation
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 50, 64), (2, 33, 96), (1, 9, 40), (3, 13, 2880),
+                                   (8, 41, 160), (5, 3, 64)])
+def test_bf16_linear_bf16_is_the_fp32_result_rounded(m: int, n: int, k: int) -> None:
+    """The bf16-output variant rounds as it writes: exactly `.to(bfloat16)` of the fp32 one."""
+    g = torch.Generator().manual_seed(m * 11 + n)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    for b in (torch.randn(n, generator=g).bfloat16(), None):
+        got = kernels.bf16_linear_bf16(x, w, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        assert torch.equal(got, kernels.bf16_linear(x, w, b).to(torch.bfloat16))
+
+
 def test_model_linear_routes_single_rows_to_the_kernel_with_same_result() -> None:
     from ossrt.model.layers import linear
 

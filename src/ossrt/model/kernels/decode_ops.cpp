@@ -9,6 +9,7 @@
 
 // mxfp4_cpu.cpp
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor bf16_linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                         torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
                         torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
@@ -105,9 +106,6 @@ void rope_bf16_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tens
 }
 
 // `bf16_linear(x, w, bias)` rounded to bf16 (what `layers.linear` returns for bf16 x).
-torch::Tensor bf16_linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  return bf16_linear(x, w, bias).to(torch::kBFloat16);
-}
 
 // One token's residual MoE step: x [1, H] + moe(h [1, H]) in bf16, where moe is `layers.moe`
 // without a router adjustment: router logits in bf16 (`bf16_linear`), top-k by torch's topk (same

@@ -160,11 +160,24 @@ static inline void bf16_tile(const uint16_t* w, const uint16_t* xi, int64_t K, f
     for (int i = 0; i < R; ++i) out[r * R + i] = _mm512_reduce_add_ps(a[r][i]);
 }
 
+#endif
+
+// Where bf16_linear writes y[i] = v: fp32, or rounded to bf16 (as torch's .to(bfloat16)).
+struct LinOut {
+  float* f;
+  uint16_t* h;
+  void set(int64_t i, float v) const {
+    if (h != nullptr) h[i] = f32_to_bf16(v);
+    else f[i] = v;
+  }
+};
+
+#if defined(__AVX512BF16__)
 // One tile of NW weight rows against all M rows of x, in groups of 4 (xi: one interleaved
 // [K/32][R][32] block per group, R = min(4, rows left)) -> y[m, n0 + r].
 template <int NW>
 static inline void bf16_tile_rows(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t K,
-                                  int64_t N, int64_t n0, const float* bp, float* yp,
+                                  int64_t N, int64_t n0, const float* bp, const LinOut& y,
                                   const char* ahead, int nl) {
   float o[NW * 4];
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -179,20 +192,23 @@ static inline void bf16_tile_rows(const uint16_t* w, const uint16_t* xi, int64_t
     }
     for (int r = 0; r < NW; ++r)
       for (int i = 0; i < R; ++i)
-        yp[(m0 + i) * N + n0 + r] = o[r * R + i] + (bp ? bp[n0 + r] : 0.f);
+        y.set((m0 + i) * N + n0 + r, o[r * R + i] + (bp ? bp[n0 + r] : 0.f));
   }
 }
 #endif
 
-torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+// y = x w^T + bias in fp32, or (bf16_out) rounded to bf16 as it is written.
+static torch::Tensor bf16_linear_impl(torch::Tensor x, torch::Tensor w,
+                                      c10::optional<torch::Tensor> bias, bool bf16_out) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16,
               "x and w must be bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   x = x.contiguous();
   w = w.contiguous();
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  float* yp = y.data_ptr<float>();
+  auto y = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
+  const LinOut out{bf16_out ? nullptr : y.data_ptr<float>(),
+                   bf16_out ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr};
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   torch::Tensor b32;
@@ -219,10 +235,10 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
           const int pl = n0 + 8 + 4 <= N ? static_cast<int>(nl) : 0;
           const uint16_t* w = wp + n0 * K;
           switch (std::min<int64_t>(4, N - n0)) {
-            case 1: bf16_tile_rows<1>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
-            case 2: bf16_tile_rows<2>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
-            case 3: bf16_tile_rows<3>(w, xi.data(), M, K, N, n0, bp, yp, ahead, 0); break;
-            default: bf16_tile_rows<4>(w, xi.data(), M, K, N, n0, bp, yp, ahead, pl); break;
+            case 1: bf16_tile_rows<1>(w, xi.data(), M, K, N, n0, bp, out, ahead, 0); break;
+            case 2: bf16_tile_rows<2>(w, xi.data(), M, K, N, n0, bp, out, ahead, 0); break;
+            case 3: bf16_tile_rows<3>(w, xi.data(), M, K, N, n0, bp, out, ahead, 0); break;
+            default: bf16_tile_rows<4>(w, xi.data(), M, K, N, n0, bp, out, ahead, pl); break;
           }
         }
       });
@@ -245,7 +261,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
             case 7: bf16_row_dot<7>(wr, xr, K, dot); break;
             default: bf16_row_dot<8>(wr, xr, K, dot); break;
           }
-          for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n] = dot[i] + (bp ? bp[n] : 0.f);
+          for (int64_t i = 0; i < mc; ++i) out.set((m0 + i) * N + n, dot[i] + (bp ? bp[n] : 0.f));
         }
       }
     });
@@ -260,15 +276,24 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
       std::vector<float> dot(M);
       for (int64_t n = n0; n < n1; ++n) {
         ossrt_avx2::bf16_dot(wp + n * K, xs.data(), K, M, dot.data());
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot[m] + (bp ? bp[n] : 0.f);
+        for (int64_t m = 0; m < M; ++m) out.set(m * N + n, dot[m] + (bp ? bp[n] : 0.f));
       }
     });
     return y;
   }
 #endif
-  return at::linear(x.to(torch::kFloat32), w.to(torch::kFloat32),
-                    bias.has_value() ? c10::optional<torch::Tensor>(bias->to(torch::kFloat32))
-                                     : c10::nullopt);
+  auto y32 = at::linear(x.to(torch::kFloat32), w.to(torch::kFloat32),
+                        bias.has_value() ? c10::optional<torch::Tensor>(bias->to(torch::kFloat32))
+                                         : c10::nullopt);
+  return bf16_out ? y32.to(torch::kBFloat16) : y32;
+}
+
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  return bf16_linear_impl(x, w, bias, false);
+}
+
+torch::Tensor bf16_linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  return bf16_linear_impl(x, w, bias, true);
 }
 
 // ---- bf16 activations: the decode path ---------------------------------------------------------
