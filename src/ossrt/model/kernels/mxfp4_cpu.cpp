@@ -1120,6 +1120,23 @@ static inline __m512 exp_nonpos(__m512 x) {
 // chunk's K and V rows are read from memory once and reused from L1 by every head. Scores are
 // vdpbf16ps dot products (bf16 q and k, exact products, fp32 sums); softmax and the weighted
 // sum of V in fp32, exp vectorized. p [G * S] scratch.
+// Lane t of the result = the sum of v[t]'s 16 lanes (a transposing add tree: 45 operations for
+// 16 sums, against ~8 for each one alone).
+static inline __m512 sum16(const __m512* v) {
+  __m512 u[8], w[4];
+  for (int t = 0; t < 8; ++t)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    u[t] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * t], v[2 * t + 1]),
+                         _mm512_unpackhi_ps(v[2 * t], v[2 * t + 1]));
+  for (int t = 0; t < 4; ++t)  // per 128-bit lane L: the lane-L sums of v[4t..4t+3]
+    w[t] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * t], u[2 * t + 1], 0x44),
+                         _mm512_shuffle_ps(u[2 * t], u[2 * t + 1], 0xEE));
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                                  _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88),
+                                  _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+
 static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp,
                             const int64_t* sl, int64_t S, int64_t Hkv, int64_t kvh, int64_t G,
                             const float* skp, float sc, uint16_t* op, float* p) {
@@ -1131,7 +1148,17 @@ static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16
       const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qh);
       const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qh + 32);
       float* pj = p + j * S;
-      for (int64_t i = i0; i < i1; ++i) {
+      int64_t i = i0;
+      for (; i + 16 <= i1; i += 16) {  // 16 keys: their dot products summed together
+        __m512 sv[16];
+        for (int t = 0; t < 16; ++t) {
+          const uint16_t* kr = kp + (sl[i + t] * Hkv + kvh) * D;
+          sv[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
+          sv[t] = _mm512_dpbf16_ps(sv[t], q1, (__m512bh)_mm512_loadu_si512(kr + 32));
+        }
+        _mm512_storeu_ps(pj + i, _mm512_mul_ps(sum16(sv), _mm512_set1_ps(sc)));
+      }
+      for (; i < i1; ++i) {
         const uint16_t* kr = kp + (sl[i] * Hkv + kvh) * D;
         __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
         a = _mm512_dpbf16_ps(a, q1, (__m512bh)_mm512_loadu_si512(kr + 32));
