@@ -105,8 +105,6 @@ void rope_bf16_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tens
   rope_rows(bf16_ptr_mut(k), N, k.size(1), D, cos.data_ptr<float>(), sin.data_ptr<float>());
 }
 
-// `bf16_linear(x, w, bias)` rounded to bf16 (what `layers.linear` returns for bf16 x).
-
 // One token's residual MoE step: x [1, H] + moe(h [1, H]) in bf16, where moe is `layers.moe`
 // without a router adjustment: router logits in bf16 (`bf16_linear`), top-k by torch's topk (same
 // tie order), softmax of those k in fp32 rounded to bf16, then `moe_token`.

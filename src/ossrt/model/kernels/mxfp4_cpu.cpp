@@ -137,8 +137,8 @@ static inline void bf16_row_dot(const uint16_t* wr, const uint16_t* x, int64_t K
 // NW consecutive weight rows (w, w + K, ...) against R rows of x given interleaved per 32-wide
 // step (xi [K/32][R][32]: the R rows' values k..k+31 lie together, all in L1 for R <= 4) ->
 // out[r * R + i] = row r . x row i. One accumulator per (r, i), summed in k order, so each result
-// is the same whatever NW and R are. While the tile is read, `ahead` (the tile DT tiles on, laid
-// out as one span) is prefetched into L2, nl lines per step: with the weights streamed from memory
+// is the same whatever NW and R are. While the tile is read, `ahead` (a later tile, laid out as
+// one span) is prefetched into L2, nl lines per step: with the weights streamed from memory
 // and ~NW*R dot products per line, the hardware prefetcher alone leaves the loads waiting.
 template <int NW, int R>
 static inline void bf16_tile(const uint16_t* w, const uint16_t* xi, int64_t K, float* out,
@@ -292,6 +292,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   return bf16_linear_impl(x, w, bias, false);
 }
 
+// `bf16_linear(x, w, bias)` rounded to bf16 (what `layers.linear` returns for bf16 x).
 torch::Tensor bf16_linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   return bf16_linear_impl(x, w, bias, true);
 }
@@ -1118,10 +1119,6 @@ static inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// D == 64: the G query heads of KV head `kvh` together, keys in chunks of kChunk, so that a
-// chunk's K and V rows are read from memory once and reused from L1 by every head. Scores are
-// vdpbf16ps dot products (bf16 q and k, exact products, fp32 sums); softmax and the weighted
-// sum of V in fp32, exp vectorized. p [G * S] scratch.
 // Lane t of the result = the sum of v[t]'s 16 lanes (a transposing add tree: 45 operations for
 // 16 sums, against ~8 for each one alone).
 static inline __m512 sum16(const __m512* v) {
@@ -1139,6 +1136,10 @@ static inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
+// D == 64: the G query heads of KV head `kvh` together, keys in chunks of kChunk, so that a
+// chunk's K and V rows are read from memory once and reused from L1 by every head. Scores are
+// vdpbf16ps dot products (bf16 q and k, exact products, fp32 sums); softmax and the weighted
+// sum of V in fp32, exp vectorized. p [G * S] scratch.
 static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp,
                             const int64_t* sl, int64_t S, int64_t Hkv, int64_t kvh, int64_t G,
                             const float* skp, float sc, uint16_t* op, float* p) {
