@@ -227,7 +227,8 @@ static torch::Tensor bf16_linear_impl(torch::Tensor x, torch::Tensor w,
           for (int64_t k = 0; k < K; k += 32)
             std::memcpy(&xi[m0 * K + k * R + i * 32], xp + (m0 + i) * K + k, 64);
       }
-      const int64_t T = N / 4, nl = (4 * K * 2 / 64 + K / 32 - 1) / (K / 32);  // lines a step
+      // a tile is 4 rows x K bf16 = K/8 cache lines, read in K/32 steps: 4 lines a step
+      const int64_t T = N / 4, nl = 4;
       at::parallel_for(0, T + (N % 4 ? 1 : 0), 4, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n0 = 4 * t;
@@ -1136,6 +1137,12 @@ static inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
+// q . k for D = 64 (q as two bf16 vectors), left as 16 fp32 partial sums.
+static inline __m512 qk_lanes(__m512bh q0, __m512bh q1, const uint16_t* kr) {
+  const __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
+  return _mm512_dpbf16_ps(a, q1, (__m512bh)_mm512_loadu_si512(kr + 32));
+}
+
 // D == 64: the G query heads of KV head `kvh` together, keys in chunks of kChunk, so that a
 // chunk's K and V rows are read from memory once and reused from L1 by every head. Scores are
 // vdpbf16ps dot products (bf16 q and k, exact products, fp32 sums); softmax and the weighted
@@ -1154,17 +1161,11 @@ static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16
       int64_t i = i0;
       for (; i + 16 <= i1; i += 16) {  // 16 keys: their dot products summed together
         __m512 sv[16];
-        for (int t = 0; t < 16; ++t) {
-          const uint16_t* kr = kp + (sl[i + t] * Hkv + kvh) * D;
-          sv[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
-          sv[t] = _mm512_dpbf16_ps(sv[t], q1, (__m512bh)_mm512_loadu_si512(kr + 32));
-        }
+        for (int t = 0; t < 16; ++t) sv[t] = qk_lanes(q0, q1, kp + (sl[i + t] * Hkv + kvh) * D);
         _mm512_storeu_ps(pj + i, _mm512_mul_ps(sum16(sv), _mm512_set1_ps(sc)));
       }
       for (; i < i1; ++i) {
-        const uint16_t* kr = kp + (sl[i] * Hkv + kvh) * D;
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr));
-        a = _mm512_dpbf16_ps(a, q1, (__m512bh)_mm512_loadu_si512(kr + 32));
+        const __m512 a = qk_lanes(q0, q1, kp + (sl[i] * Hkv + kvh) * D);
         pj[i] = _mm512_reduce_add_ps(a) * sc;
       }
     }
