@@ -50,6 +50,12 @@ def main() -> None:
     calls: collections.Counter[str] = collections.Counter()
     for name in TIMED:
         setattr(kernels, name, _timed(getattr(kernels, name), name, acc, calls))
+    experts: list[int] = []  # distinct experts per batched MoE call (idx is its 2nd argument)
+    timed_moe_rows = kernels.moe_rows
+    def moe_rows(*args: Any) -> Any:
+        experts.append(int(args[1].unique().numel()))
+        return timed_moe_rows(*args)
+    kernels.moe_rows = moe_rows
     torch.set_num_threads(a.threads)
     fix_mmap_threshold()
     model = load_model(a.model, "auto", progress=False, dense_dtype=a.dense_dtype)
@@ -67,6 +73,7 @@ def main() -> None:
         engine.step()
     acc.clear()
     calls.clear()
+    experts.clear()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         engine.step()
@@ -76,6 +83,12 @@ def main() -> None:
     for name, total in sorted(acc.items(), key=lambda kv: -kv[1]):
         print(f"  {name:18s} {total / a.steps * 1e3:8.1f} ms/step  {calls[name] // a.steps} calls")
     print(f"  {'other':18s} {(step - sum(acc.values()) / a.steps) * 1e3:8.1f} ms/step")
+    if experts:  # packed bytes of one expert: gate/up [2I, H] and down [H, I], 17 bytes per 32
+        cfg = model.cfg
+        per_expert = 3 * cfg.intermediate_size * cfg.hidden_size // 32 * 17
+        mean = sum(experts) / len(experts)
+        rate = sum(experts) * per_expert / acc["moe_rows"] / 1e9
+        print(f"  moe_rows: {mean:.1f} experts per layer on average, streamed at {rate:.1f} GB/s")
 
 
 if __name__ == "__main__":

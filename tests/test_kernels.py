@@ -299,6 +299,27 @@ def test_moe_rows_native_matches_torch_path(monkeypatch, n, e, h, i, k) -> None:
     assert not torch.equal(got, got_forced)
 
 
+@pytest.mark.parametrize("n,e,k", [(4, 16, 4), (9, 6, 3), (12, 3, 2)])
+def test_moe_rows_matches_moe_token_per_row(n, e, k) -> None:
+    """The batched MoE against the one-token MoE, token by token: experts with 1 to 8 pairs
+    (the tile shapes of `row_dot_tiles`: 8 rows x 1 input, 4 x 2, 2 x up to 4 and leftovers),
+    rows long enough for several 4-block steps plus a tail (H = 288: 9 blocks, I = 160: 5).
+    Per (row, input) the arithmetic is the same, so only the order in which each token's K
+    expert outputs are summed differs."""
+    w = _moe_inputs(e, 288, 160, seed=n * 31 + e)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 288, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    wt = torch.softmax(torch.randn(n, k, generator=g), 1)
+    ws = [w[key] for key in ("w1_blocks", "w1_scales", "w1_bias", "w2_blocks", "w2_scales",
+                             "w2_bias")]
+    got = kernels.moe_rows(x, idx, wt, *ws, 7.0, 1.702)
+    assert got.shape == (n, 288) and got.dtype == torch.float32
+    for t in range(n):
+        ref = kernels.moe_token(x[t], idx[t], wt[t], *ws, 7.0, 1.702)
+        assert torch.allclose(got[t], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), t
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2, 5, 90)])
 def test_dequant_is_bit_identical_to_dequantize(shape, dtype) -> None:
