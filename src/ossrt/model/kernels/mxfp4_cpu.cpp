@@ -818,8 +818,10 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
     tok[q] = p / K;
     src[q] = p;
   }
-  auto b1 = w1_bias.to(torch::kFloat32).contiguous();  // [E, 2I]
-  auto b2 = w2_bias.to(torch::kFloat32).contiguous();  // [E, H]
+  // the used experts' biases only, in fp32: b1 [U, 2I], b2 [U, H]
+  const auto used_t = torch::from_blob(used.data(), {U}, torch::kInt64);
+  auto b1 = w1_bias.index_select(0, used_t).to(torch::kFloat32).contiguous();
+  auto b2 = w2_bias.index_select(0, used_t).to(torch::kFloat32).contiguous();
   auto h = torch::empty({P, I2}, x.options().dtype(torch::kFloat32));
   auto act = torch::empty({P, I}, x.options());
   auto out = torch::zeros({N, H}, x.options().dtype(torch::kFloat32));
@@ -855,7 +857,8 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
       row_dot_tiles(bp1 + row * G1 * 16, sp1 + row * G1, G1, nr, c, xs.data() + q0,
                     xps.data() + q0, dot.data());
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t q = q0; q < q0 + c; ++q) hp[q * I2 + n0 + r] = dot[r * c + q - q0] + b1p[row + r];
+        for (int64_t q = q0; q < q0 + c; ++q)
+          hp[q * I2 + n0 + r] = dot[r * c + q - q0] + b1p[u * I2 + n0 + r];
     }
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
@@ -872,7 +875,7 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                     aps.data() + q0, dot.data());
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t q = q0; q < q0 + c; ++q)
-          y[q * H + n0 + r] = wp[src[q]] * (dot[r * c + q - q0] + b2p[row + r]);
+          y[q * H + n0 + r] = wp[src[q]] * (dot[r * c + q - q0] + b2p[u * H + n0 + r]);
     }
   });
   at::parallel_for(0, H, 256, [&](int64_t n0, int64_t n1) {
