@@ -517,8 +517,8 @@ static inline void tile_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G
       const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
       const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
       const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
-      const __m512 sv = _mm512_permutexvar_ps(spread,
-                                              _mm512_castps128_ps512(_mm_loadu_ps(sf + r * G + 4 * c)));
+      const __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sf + r * G + 4 * c));
+      const __m512 sv = _mm512_permutexvar_ps(spread, s4);
       for (int i = 0; i < R; ++i) {
         const uint16_t* xc = xperm[i] + c * 128;
         auto xv = [&](int k) { return (__m512bh)_mm512_loadu_si512(xc + 32 * k); };
@@ -546,7 +546,8 @@ static inline void tile_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G
       }
     }
   for (int r = 0; r < NW; ++r)
-    for (int i = 0; i < R; ++i) out[r * R + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][i], a1[r][i]));
+    for (int i = 0; i < R; ++i)
+      out[r * R + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][i], a1[r][i]));
 }
 
 // out[r * M + i] = row r . x[i] for NW consecutive rows and M rows of x, x in groups of up to 4.
@@ -617,8 +618,10 @@ static inline void row_dot_tiles(const uint8_t* brow, const uint8_t* srow, int64
 #if defined(OSSRT_BF16_MXFP4)
   const __m512i lut = e2m1_bf16_lut();
   if (M == 1) {
-    for (; r + 8 <= NR; r += 8) wrows_dot4<8>(brow + r * RB, srow + r * G, G, x[0], xperm[0], lut, out + r);
-    for (; r + 4 <= NR; r += 4) wrows_dot4<4>(brow + r * RB, srow + r * G, G, x[0], xperm[0], lut, out + r);
+    for (; r + 8 <= NR; r += 8)
+      wrows_dot4<8>(brow + r * RB, srow + r * G, G, x[0], xperm[0], lut, out + r);
+    for (; r + 4 <= NR; r += 4)
+      wrows_dot4<4>(brow + r * RB, srow + r * G, G, x[0], xperm[0], lut, out + r);
   }
   auto tiles = [&](auto nw) {
     constexpr int NW = decltype(nw)::value;
