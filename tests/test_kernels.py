@@ -148,14 +148,17 @@ def _moe_inputs(e: int, h: int, i: int, seed: int) -> dict[str, torch.Tensor]:
             "x": torch.randn(1, h, generator=g).bfloat16()}
 
 
-@pytest.mark.parametrize("e,h,i,k", [(8, 96, 64, 4), (5, 160, 96, 2), (4, 32, 32, 4)])
-def test_moe_single_token_native_matches_torch_path(monkeypatch, e, h, i, k) -> None:
+@pytest.mark.parametrize("e,h,i,k,scale", [(8, 96, 64, 4, 1.0), (5, 160, 96, 2, 1.0),
+                                             (4, 32, 32, 4, 1.0), (6, 288, 160, 4, 1.0),
+                                             (6, 288, 160, 4, 40.0)])
+def test_moe_single_token_native_matches_torch_path(monkeypatch, e, h, i, k, scale) -> None:
     """One token's MoE in one native call against the per-expert torch path (dequantize,
-    F.linear, SwiGLU, weighted sum), both in bf16."""
+    F.linear, SwiGLU, weighted sum), both in bf16. I = 160: the SwiGLU's 16-wide steps and its
+    scalar tail; x scaled by 40: gate and linear values far past the clamp limit (7)."""
     from ossrt.model import layers
 
     w = _moe_inputs(e, h, i, seed=e * 100 + h + k)
-    args = (w["x"], w["router_w"], w["router_b"], k, w["w1_blocks"], w["w1_scales"],
+    args = (w["x"] * scale, w["router_w"], w["router_b"], k, w["w1_blocks"], w["w1_scales"],
             w["w1_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"], 7.0, 1.702)
     got = layers.moe(*args)
     monkeypatch.setattr(layers, "_KERNEL_MAX_ROWS", 0)  # per-expert torch dequantize path

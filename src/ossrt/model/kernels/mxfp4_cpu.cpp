@@ -681,6 +681,43 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
   return y;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// e^x in fp32 (relative error ~1e-7): x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for
+// e^r, times 2^n by vscalefps. x must lie in [-104, 100] (n finite): 0 below about -104,
+// +inf above about 89.
+static inline __m512 exp_core(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 y = _mm512_set1_ps(1.f / 5040.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// e^x for x <= 0 (the attention's softmax; NaN is taken as -104: e^x = 0).
+static inline __m512 exp_nonpos(__m512 x) {
+  return exp_core(_mm512_max_ps(x, _mm512_set1_ps(-104.f)));
+}
+
+// e^x for any x; NaN stays NaN (vmaxps / vminps return their second operand if either is NaN).
+static inline __m512 exp_any(__m512 x) {
+  return exp_core(_mm512_min_ps(_mm512_set1_ps(100.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x)));
+}
+
+// fp32 rounded to bf16 (nearest even) and back, 16 lanes (denormals flushed to zero).
+static inline __m512 round_bf16(__m512 v) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // The whole MoE feed-forward of one token: sum_j w[j] * (W2_e swiglu(W1_e x + b1_e) + b2_e),
 // e = idx[j], straight from the packed experts, in two parallel passes (all K gate/up rows, then
 // all H output rows, each summing its K experts). x [H] bf16; idx [K] int64; w [K] float32;
@@ -689,15 +726,34 @@ torch::Tensor mxfp4_linear_bf16(torch::Tensor x, torch::Tensor blocks, torch::Te
 // The SwiGLU input is rounded to bf16 (as the torch path does), the rest stays fp32.
 // rows x [2I] fp32 gate/up (interleaved: even = gate, odd = linear; each rounded to bf16 as
 // torch's bf16 path does) -> act rows x [I] bf16 = clamped SwiGLU, plus each row permuted for
-// row_dot (aperm). Same math as `swiglu` in layers.py. Parallel over (row, quarter of a row):
-// each element is computed alone, so the split does not change any result.
+// row_dot (aperm). Same math as `swiglu` in layers.py, in fp32 with one rounding at the end;
+// with AVX512-BF16, 16 at a time with a polynomial e^x (~1e-7 relative; the scalar tail uses
+// std::exp). Parallel over (row, quarter of a row): each element is computed alone.
 static void swiglu_rows(const float* hp, int64_t rows, int64_t I, int64_t G2, float lim,
                         float alp, uint16_t* ap, uint16_t* aperm) {
   const int64_t Q = 4, span = (I + Q - 1) / Q;
   at::parallel_for(0, rows * Q, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / Q, j0 = r * I + (t % Q) * span, j1 = std::min(j0 + span, (r + 1) * I);
-      for (int64_t j = j0; j < j1; ++j) {
+      int64_t j = j0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+      const __m512i even =
+          _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      const __m512 limv = _mm512_set1_ps(lim), nlim = _mm512_set1_ps(-lim);
+      const __m512 nalp = _mm512_set1_ps(-alp), one = _mm512_set1_ps(1.f);
+      for (; j + 16 <= j1; j += 16) {  // the scalar loop's steps, 16 at a time (NaN kept NaN)
+        const __m512 v0 = _mm512_loadu_ps(hp + 2 * j), v1 = _mm512_loadu_ps(hp + 2 * j + 16);
+        const __m512 gate = _mm512_min_ps(limv, round_bf16(_mm512_permutex2var_ps(v0, even, v1)));
+        const __m512 lin = _mm512_max_ps(
+            nlim, _mm512_min_ps(limv, round_bf16(_mm512_permutex2var_ps(v0, odd, v1))));
+        const __m512 e = exp_any(_mm512_mul_ps(nalp, gate));
+        const __m512 sig = _mm512_div_ps(gate, _mm512_add_ps(one, e));
+        const __m512 out = _mm512_mul_ps(sig, _mm512_add_ps(lin, one));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ap + j), (__m256i)_mm512_cvtneps_pbh(out));
+      }
+#endif
+      for (; j < j1; ++j) {
         const float gate = std::min(bf16_to_f32(f32_to_bf16(hp[2 * j])), lim);
         const float lin = std::max(std::min(bf16_to_f32(f32_to_bf16(hp[2 * j + 1])), lim), -lim);
         ap[j] = f32_to_bf16(gate / (1.f + std::exp(-alp * gate)) * (lin + 1.f));
@@ -1198,24 +1254,6 @@ static inline __m512 load_bf16x16(const uint16_t* p) {
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// e^x for x <= 0 in fp32 (relative error ~1e-7): x = n ln2 + r, |r| <= ln2/2, a degree-7
-// polynomial for e^r, times 2^n by vscalefps (underflows to 0 below about -104).
-static inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 y = _mm512_set1_ps(1.f / 5040.f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, n);
-}
 
 // Lane t of the result = the sum of v[t]'s 16 lanes (a transposing add tree: 45 operations for
 // 16 sums, against ~8 for each one alone).
