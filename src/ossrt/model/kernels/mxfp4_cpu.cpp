@@ -905,37 +905,35 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
     as[q] = ap + q * I;
     aps[q] = aperm.data() + q * LI;
   }
-  // Pass 1 in units of 8 consecutive gate/up rows of one expert (`row_dot_tiles` picks the tile
-  // shape from the expert's pair count).
-  const int64_t Q1 = (I2 + 7) / 8, Q2 = (H + 7) / 8;  // units per expert, passes 1 and 2
-  at::parallel_for(0, U * Q1, 2, [&](int64_t g0, int64_t g1) {
-    std::vector<float> dot(8 * P);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t u = g / Q1, n0 = (g % Q1) * 8, nr = std::min<int64_t>(8, I2 - n0);
-      const int64_t row = used[u] * I2 + n0, q0 = start[u], c = start[u + 1] - q0;
-      row_dot_tiles(bp1 + row * G1 * 16, sp1 + row * G1, G1, nr, c, xs.data() + q0,
-                    xps.data() + q0, dot.data());
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t q = q0; q < q0 + c; ++q)
-          hp[q * I2 + n0 + r] = dot[r * c + q - q0] + b1p[u * I2 + n0 + r];
-    }
+  // One pass: every used expert's R packed rows (blocks bp, scales sp, G blocks a row) in units
+  // of 8 consecutive rows, parallel over the units, each dotted with that expert's pairs'
+  // inputs (in[q], inp[q]) by `row_dot_tiles` -> put(u, q, n, dot) for row n of expert used[u].
+  auto pass = [&](int64_t R, const uint8_t* bp, const uint8_t* sp, int64_t G,
+                  const std::vector<const uint16_t*>& in, const std::vector<const uint16_t*>& inp,
+                  auto put) {
+    const int64_t Q = (R + 7) / 8;  // units per expert
+    at::parallel_for(0, U * Q, 2, [&](int64_t g0, int64_t g1) {
+      std::vector<float> dot(8 * P);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t u = g / Q, n0 = (g % Q) * 8, nr = std::min<int64_t>(8, R - n0);
+        const int64_t row = used[u] * R + n0, q0 = start[u], c = start[u + 1] - q0;
+        row_dot_tiles(bp + row * G * 16, sp + row * G, G, nr, c, in.data() + q0,
+                      inp.data() + q0, dot.data());
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t q = q0; q < q0 + c; ++q) put(u, q, n0 + r, dot[r * c + q - q0]);
+      }
+    });
+  };
+  pass(I2, bp1, sp1, G1, xs, xps, [&](int64_t u, int64_t q, int64_t n, float d) {
+    hp[q * I2 + n] = d + b1p[u * I2 + n];
   });
   const float lim = static_cast<float>(limit), alp = static_cast<float>(alpha);
   swiglu_rows(hp, P, I, G2, lim, alp, ap, aperm.data());
-  // Pass 2 streams one expert's rows at a time (like pass 1) into y [P, H], then each token
-  // sums its K pairs in fp32, parallel over the H columns (each column owned by one thread).
+  // Pass 2 into y [P, H], then each token sums its K pairs in fp32, parallel over the H columns
+  // (each column owned by one thread).
   std::vector<float> y(P * H);
-  at::parallel_for(0, U * Q2, 2, [&](int64_t g0, int64_t g1) {
-    std::vector<float> dot(8 * P);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t u = g / Q2, n0 = (g % Q2) * 8, nr = std::min<int64_t>(8, H - n0);
-      const int64_t row = used[u] * H + n0, q0 = start[u], c = start[u + 1] - q0;
-      row_dot_tiles(bp2 + row * G2 * 16, sp2 + row * G2, G2, nr, c, as.data() + q0,
-                    aps.data() + q0, dot.data());
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t q = q0; q < q0 + c; ++q)
-          y[q * H + n0 + r] = wp[src[q]] * (dot[r * c + q - q0] + b2p[u * H + n0 + r]);
-    }
+  pass(H, bp2, sp2, G2, as, aps, [&](int64_t u, int64_t q, int64_t n, float d) {
+    y[q * H + n] = wp[src[q]] * (d + b2p[u * H + n]);
   });
   at::parallel_for(0, H, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t q = 0; q < P; ++q) {
