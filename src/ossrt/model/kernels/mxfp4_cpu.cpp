@@ -313,8 +313,9 @@ static bool g_scale_init = [] {
 }();
 
 
-// x in the order the four-block step reads it (`wrows_dot4`, `tile_dot4`): per 4 blocks (128 values),
-// out[32 t + w] = x[4 w + t]; values past the last multiple of 4 blocks are left unwritten.
+// x in the order the four-block step reads it (`wrows_dot4`, `tile_dot4`): per 4 blocks (128
+// values), out[32 t + w] = x[4 w + t]; values past the last multiple of 4 blocks are left
+// unwritten.
 static inline void permute_x4(const uint16_t* x, int64_t G, uint16_t* out) {
   for (int64_t c = 0; c < G / 4; ++c)
     for (int t = 0; t < 4; ++t)
