@@ -394,15 +394,13 @@ static inline void row_scales(const uint8_t* s, int64_t G, float* out) {
   }
 }
 
-// R rows of x against one packed row: each step of 4 blocks is decoded once and dotted with
-// every row (same arithmetic per row as R = 1, so results do not depend on R).
-template <int R>
-static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64_t G,
-                                 const uint16_t* const* x, const uint16_t* const* xperm,
-                                 __m512i lut, float* out) {
+// One packed row against one x: per step of 4 blocks the decode below, 4 dot products and the
+// scale, alternately into two accumulators (two chains); the tail blocks one at a time. The
+// reference arithmetic of the multi-row kernels (`wrows_dot4`, `tile_dot4`).
+static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
+                             const uint16_t* x, const uint16_t* xperm, __m512i lut) {
   const __m512 zero = _mm512_setzero_ps();
-  __m512 a0[R], a1[R];
-  for (int i = 0; i < R; ++i) a0[i] = a1[i] = zero;
+  __m512 a0 = zero, a1 = zero;
   const int64_t C = G / 4;
   float sf[G];  // G <= a few hundred (K / 32)
   row_scales(srow, G, sf);
@@ -415,31 +413,26 @@ static inline void row_dot4_rows(const uint8_t* brow, const uint8_t* srow, int64
     const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
     const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
     const __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sf + 4 * c)));
-    for (int i = 0; i < R; ++i) {
-      const uint16_t* xc = xperm[i] + c * 128;
-      __m512 p = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
-      p = _mm512_dpbf16_ps(p, w1, (__m512bh)_mm512_loadu_si512(xc + 32));
-      p = _mm512_dpbf16_ps(p, w2, (__m512bh)_mm512_loadu_si512(xc + 64));
-      p = _mm512_dpbf16_ps(p, w3, (__m512bh)_mm512_loadu_si512(xc + 96));
-      if (c & 1) a1[i] = _mm512_fmadd_ps(p, sv, a1[i]);
-      else a0[i] = _mm512_fmadd_ps(p, sv, a0[i]);
-    }
+    const uint16_t* xc = xperm + c * 128;
+    __m512 p = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xc));
+    p = _mm512_dpbf16_ps(p, w1, (__m512bh)_mm512_loadu_si512(xc + 32));
+    p = _mm512_dpbf16_ps(p, w2, (__m512bh)_mm512_loadu_si512(xc + 64));
+    p = _mm512_dpbf16_ps(p, w3, (__m512bh)_mm512_loadu_si512(xc + 96));
+    if (c & 1) a1 = _mm512_fmadd_ps(p, sv, a1);
+    else a0 = _mm512_fmadd_ps(p, sv, a0);
   }
   for (int64_t g = 4 * C; g < G; ++g) {
     const __m512bh wb = (__m512bh)decode_block_bf16(brow + g * 16, lut);
-    const __m512 s = _mm512_set1_ps(sf[g]);
-    for (int i = 0; i < R; ++i) {
-      __m512 p = _mm512_dpbf16_ps(zero, wb, (__m512bh)_mm512_loadu_si512(x[i] + g * 32));
-      a0[i] = _mm512_fmadd_ps(p, s, a0[i]);
-    }
+    const __m512 p = _mm512_dpbf16_ps(zero, wb, (__m512bh)_mm512_loadu_si512(x + g * 32));
+    a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(sf[g]), a0);
   }
-  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
 // NR consecutive packed rows (brow, brow + G*16, ...; scales likewise) against one x: each x
 // vector is loaded once per step for all NR rows, which leaves the decode and the dot products
 // as the cost (measured in L2: 2.68 ns per 64 packed bytes for 1 row, 2.34 for 4). Per row the
-// arithmetic is exactly `row_dot4_rows<1>`'s, so results do not depend on NR.
+// arithmetic is exactly `row_dot4`'s, so results do not depend on NR.
 template <int NR>
 static inline void wrows_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
                               const uint16_t* x, const uint16_t* xperm, __m512i lut, float* out) {
@@ -490,7 +483,7 @@ static inline void wrows_dot4(const uint8_t* brow, const uint8_t* srow, int64_t 
 
 // NW consecutive packed rows (brow, brow + G*16, ...; scales likewise) against R rows of x:
 // out[r * R + i] = row r . x[i]. Each step of 4 blocks is decoded once per row and dotted with
-// every x; per (row, x) the arithmetic is exactly `row_dot4_rows<1>`'s, so results depend on
+// every x; per (row, x) the arithmetic is exactly `row_dot4`'s, so results depend on
 // neither NW nor R. The rows after these lie next in memory: three tiles on is prefetched into
 // L2, NW lines a step, as one sequential stream (the hardware prefetcher alone leaves the
 // loads waiting). Cost per 64 packed bytes and core, in L2 on Zen 4: ~8.5 cycles for one x (the
@@ -570,12 +563,6 @@ static inline void tile_group(const uint8_t* brow, const uint8_t* srow, int64_t 
   }
 }
 
-static inline float row_dot4(const uint8_t* brow, const uint8_t* srow, int64_t G,
-                             const uint16_t* x, const uint16_t* xperm, __m512i lut) {
-  float out;
-  row_dot4_rows<1>(brow, srow, G, &x, &xperm, lut, &out);
-  return out;
-}
 #endif
 
 // Scalar reference of the same contract (no AVX512-BF16): used as the fallback.
