@@ -211,6 +211,28 @@ def test_attn_decode_matches_reference(hq, hkv, d, s, qscale) -> None:
     assert torch.allclose(got.double(), ref, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("d,lens", [(64, (37, 1, 300, 129)), (24, (5, 130, 1))])
+def test_attn_decode_batched_equals_one_call_per_sequence(d: int, lens: tuple[int, ...]) -> None:
+    """q [B, Hq, D] with offsets: each sequence's row is exactly what its own call gives, its
+    keys read from its own slice of the slots (sequences of different lengths, shared cache)."""
+    g = torch.Generator().manual_seed(d + len(lens))
+    hq, hkv, nslots = 16, 2, 700
+    kc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
+    vc = torch.randn(nslots, hkv, d, generator=g).bfloat16()
+    q = torch.randn(len(lens), hq, d, generator=g).bfloat16()
+    sinks = torch.randn(hq, generator=g).bfloat16()
+    reads = [torch.randperm(nslots, generator=g)[:n] for n in lens]
+    offsets = torch.tensor([0, *lens]).cumsum(0)
+    got = kernels.attn_decode(q, kc, vc, torch.cat(reads), sinks, d ** -0.5, offsets)
+    assert got.shape == q.shape
+    for b, read in enumerate(reads):
+        assert torch.equal(got[b], kernels.attn_decode(q[b], kc, vc, read, sinks, d ** -0.5))
+    with pytest.raises(RuntimeError, match="offsets"):
+        kernels.attn_decode(q, kc, vc, torch.cat(reads), sinks, d ** -0.5, offsets[:-1])
+    with pytest.raises(RuntimeError, match="offsets"):
+        kernels.attn_decode(q, kc, vc, torch.cat(reads), sinks, d ** -0.5, offsets - 1)
+
+
 def test_attn_decode_probabilities_to_one_bf16_ulp() -> None:
     """With V = identity rows, the output is the softmax itself: every probability within one
     bf16 step of the float64 value (catches a loose exp, not just a wrong sum)."""

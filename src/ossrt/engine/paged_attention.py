@@ -98,6 +98,17 @@ class PagedAttention:
             self.seqs.append(SeqSlice(row, n, start, k_lo, read))
             row += n
         self.write_slots = {g: torch.cat(writes[g]) for g in GROUPS if writes[g]}
+        # the decode sequences (one new token each), batched into one attn_decode call per
+        # layer: their rows, and per group their read slots end to end with offsets [D + 1]
+        dec = [s for s in self.seqs if s.n == 1]
+        self.dec_rows = torch.tensor([s.row for s in dec], dtype=torch.long)
+        self.all_decode = len(dec) == row
+        self.dec_read: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for g in self.write_slots:
+            lens = torch.tensor([0] + [s.read_slots[g].numel() for s in dec], dtype=torch.long)
+            reads = [s.read_slots[g] for s in dec]
+            self.dec_read[g] = (torch.cat(reads) if reads else torch.empty(0, dtype=torch.long),
+                                lens.cumsum(0))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  sinks: torch.Tensor) -> torch.Tensor:
@@ -108,15 +119,22 @@ class PagedAttention:
         slots = self.write_slots[group].to(kc.device)
         kc.index_copy_(0, slots, k.to(kc.dtype))
         vc.index_copy_(0, slots, v.to(vc.dtype))
-        out = torch.empty_like(q)
         scale = self.storage.cfg.head_dim ** -0.5
         native = (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and q.dtype == kc.dtype
                   and kc.is_contiguous() and kernels.available())
+        batched = native and self.dec_rows.numel() > 0
+        if batched:  # every decode row's keys are all visible: read the cache in place
+            read, offsets = self.dec_read[group]
+            if self.all_decode:
+                return kernels.attn_decode(q, kc, vc, read, sinks, scale, offsets)
+        out = torch.empty_like(q)
+        if batched:
+            out[self.dec_rows] = kernels.attn_decode(q[self.dec_rows], kc, vc, read, sinks, scale,
+                                                     offsets)
         for s in self.seqs:
-            read = s.read_slots[group].to(kc.device)
-            if s.n == 1 and native:  # decode: every read key is visible; read the cache in place
-                out[s.row] = kernels.attn_decode(q[s.row], kc, vc, read, sinks, scale)
+            if s.n == 1 and batched:
                 continue
+            read = s.read_slots[group].to(kc.device)
             ks, vs = kc.index_select(0, read)[None], vc.index_select(0, read)[None]
             qs = q[None, s.row:s.row + s.n]  # [1, n, Hq, D]
             out[s.row:s.row + s.n] = attend(qs, ks, vs, sinks, s.start, s.k_lo[group],

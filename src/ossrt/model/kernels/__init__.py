@@ -130,11 +130,13 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def attn_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                sinks: torch.Tensor, scale: float) -> torch.Tensor:
+                sinks: torch.Tensor, scale: float,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
     """One query token over cached keys read in place by slot: q [Hq, D]; kc, vc [slots, Hkv, D]
     bf16; slots [S] (all visible) -> [Hq, D] bf16, softmax with each head's sink in the
-    denominator, computed in fp32."""
-    return _load().attn_decode(q, kc, vc, slots, sinks, float(scale))
+    denominator, computed in fp32. Batched: q [B, Hq, D] and offsets [B + 1] (sequence b reads
+    slots[offsets[b]:offsets[b + 1]]) -> [B, Hq, D], each row as its own call would give."""
+    return _load().attn_decode(q, kc, vc, slots, sinks, float(scale), offsets)
 
 
 def rms_norm_bf16(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,

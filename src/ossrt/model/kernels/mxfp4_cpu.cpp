@@ -1350,21 +1350,38 @@ static void attn_decode_d64(const uint16_t* qp, const uint16_t* kp, const uint16
 }
 #endif
 
+// q [Hq, D] (one sequence), or q [B, Hq, D] with offsets [B + 1]: sequence b's keys are the
+// slots [offsets[b], offsets[b + 1]) -> [Hq, D] / [B, Hq, D]. Parallel over (sequence, head):
+// one call for all the decode sequences of a step's layer.
 torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
-                          torch::Tensor sinks, double scale) {
-  TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes(), "q [Hq, D], kc/vc [slots, Hkv, D]");
+                          torch::Tensor sinks, double scale, c10::optional<torch::Tensor> offsets) {
+  TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes(), "kc/vc [slots, Hkv, D]");
+  TORCH_CHECK(q.dim() == 2 || (q.dim() == 3 && offsets.has_value()),
+              "q [Hq, D], or q [B, Hq, D] with offsets [B + 1]");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && kc.scalar_type() == torch::kBFloat16 &&
               vc.scalar_type() == torch::kBFloat16, "q, k, v must be bfloat16");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "the cache must be contiguous");
-  const int64_t Hq = q.size(0), D = q.size(1), Hkv = kc.size(1), nslots = kc.size(0);
+  const int64_t B = q.dim() == 3 ? q.size(0) : 1;
+  const int64_t Hq = q.size(-2), D = q.size(-1), Hkv = kc.size(1), nslots = kc.size(0);
   TORCH_CHECK(kc.size(2) == D && Hq % Hkv == 0, "head shapes");
   q = q.contiguous();
   slots = slots.to(torch::kInt64).contiguous();
   auto sk = sinks.to(torch::kFloat32).contiguous();
-  const int64_t S = slots.numel(), G = Hq / Hkv;
+  const int64_t G = Hq / Hkv;
   const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < S; ++i) TORCH_CHECK(sl[i] >= 0 && sl[i] < nslots, "slot out of range");
-  auto out = torch::empty({Hq, D}, q.options());
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(sl[i] >= 0 && sl[i] < nslots, "slot out of range");
+  std::vector<int64_t> off{0, slots.numel()};
+  if (q.dim() == 3) {
+    auto o = offsets->to(torch::kInt64).contiguous();
+    TORCH_CHECK(o.dim() == 1 && o.numel() == B + 1, "offsets must be [B + 1]");
+    off.assign(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + B + 1);
+    TORCH_CHECK(off[0] == 0 && off[B] == slots.numel(), "offsets must run from 0 to len(slots)");
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(off[b] <= off[b + 1], "offsets must not decrease");
+  }
+  int64_t Smax = 0;
+  for (int64_t b = 0; b < B; ++b) Smax = std::max(Smax, off[b + 1] - off[b]);
+  auto out = torch::empty_like(q);
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
@@ -1373,35 +1390,40 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   const float sc = static_cast<float>(scale);
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if (D == 64) {
-    at::parallel_for(0, Hkv, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> p(G * S);
-      for (int64_t g = g0; g < g1; ++g)
-        attn_decode_d64(qp, kp, vp, sl, S, Hkv, g, G, skp, sc, op, p.data());
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(G * Smax);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hkv;
+        attn_decode_d64(qp + b * Hq * D, kp, vp, sl + off[b], off[b + 1] - off[b], Hkv,
+                        t % Hkv, G, skp, sc, op + b * Hq * D, p.data());
+      }
     });
     return out;
   }
 #endif
-  at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(S), qf(D), acc(D);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t kvh = h / G;
-      for (int64_t d = 0; d < D; ++d) qf[d] = bf16_to_f32(qp[h * D + d]);
+  at::parallel_for(0, B * Hq, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(Smax), qf(D), acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hq, h = t % Hq, kvh = h / G, S = off[b + 1] - off[b];
+      const int64_t* sb = sl + off[b];
+      const uint16_t* qh = qp + t * D;
+      for (int64_t d = 0; d < D; ++d) qf[d] = bf16_to_f32(qh[d]);
       float m = skp[h];
       for (int64_t i = 0; i < S; ++i) {
-        const uint16_t* kr = kp + (sl[i] * Hkv + kvh) * D;
-        float t = 0.f;
+        const uint16_t* kr = kp + (sb[i] * Hkv + kvh) * D;
+        float v = 0.f;
         int64_t d = 0;
 #if defined(__AVX512F__)
         __m512 a = _mm512_setzero_ps();
         for (; d + 16 <= D; d += 16)
           a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + d), load_bf16x16(kr + d), a);
-        t = _mm512_reduce_add_ps(a);
+        v = _mm512_reduce_add_ps(a);
 #elif defined(OSSRT_AVX2)
         d = D - D % 16;
-        t = ossrt_avx2::dot_f32_bf16(qf.data(), kr, d);
+        v = ossrt_avx2::dot_f32_bf16(qf.data(), kr, d);
 #endif
-        for (; d < D; ++d) t += qf[d] * bf16_to_f32(kr[d]);
-        p[i] = t * sc;
+        for (; d < D; ++d) v += qf[d] * bf16_to_f32(kr[d]);
+        p[i] = v * sc;
         m = std::max(m, p[i]);
       }
       float denom = std::exp(skp[h] - m);
@@ -1409,7 +1431,7 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
       for (int64_t i = 0; i < S; ++i) {
         const float e = std::exp(p[i] - m);
         denom += e;
-        const uint16_t* vr = vp + (sl[i] * Hkv + kvh) * D;
+        const uint16_t* vr = vp + (sb[i] * Hkv + kvh) * D;
         int64_t d = 0;
 #if defined(__AVX512F__)
         const __m512 ev = _mm512_set1_ps(e);
@@ -1423,7 +1445,7 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
         for (; d < D; ++d) acc[d] += e * bf16_to_f32(vr[d]);
       }
       const float inv = 1.f / denom;
-      for (int64_t d = 0; d < D; ++d) op[h * D + d] = f32_to_bf16(acc[d] * inv);
+      for (int64_t d = 0; d < D; ++d) op[t * D + d] = f32_to_bf16(acc[d] * inv);
     }
   });
   return out;
@@ -1449,7 +1471,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "MXFP4 linear layer (CPU)");
   m.def("bf16_linear", &bf16_linear, "bf16 linear layer for few rows (CPU)");
   m.def("mxfp4_linear_bf16", &mxfp4_linear_bf16, "MXFP4 linear layer, bf16 activations (CPU)");
-  m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)");
+  m.def("attn_decode", &attn_decode, "decode attention over a paged KV cache (CPU)",
+        py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("slots"), py::arg("sinks"),
+        py::arg("scale"), py::arg("offsets") = py::none());
   m.def("moe_token", &moe_token, "MoE feed-forward of one token from packed experts (CPU)");
   m.def("dequant_bf16", &dequant_bf16, "MXFP4 -> bf16, whole matrices (CPU)",
         py::arg("blocks"), py::arg("scales"), py::arg("out") = py::none());
