@@ -429,17 +429,25 @@ def test_add_rms_norm_native_matches_torch(n: int, h: int) -> None:
                                                                         w, 1e-5)[1])
 
 
-def test_moe_add_fused_router_matches_torch_routing(monkeypatch) -> None:
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_moe_add_fused_router_matches_torch_routing(monkeypatch, n: int) -> None:
     """x + moe(h) with the router inside the native call equals the torch-side routing
-    followed by the same native expert kernel, bit for bit."""
-    from ossrt.model import layers
+    followed by the same native expert kernel (moe_token for one token, moe_rows for more),
+    bit for bit, and is what moe_add runs for decode rows."""
+    from ossrt.model import kernels, layers
 
-    w = _moe_inputs(8, 96, 64, seed=5)
-    x = torch.randn(1, 96).bfloat16()
+    w = _moe_inputs(8, 96, 64, seed=5 + n)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 96, generator=g).bfloat16()
+    hs = torch.randn(n, 96, generator=g).bfloat16()
     args = (w["router_w"], w["router_b"], 4, w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], 7.0, 1.702)
-    fused = layers.moe_add(x, w["x"], *args)
-    unfused = x + layers.moe(w["x"], *args)
+    calls = []
+    fused_op = kernels.moe_decode
+    monkeypatch.setattr(kernels, "moe_decode", lambda *a: calls.append(1) or fused_op(*a))
+    fused = layers.moe_add(x, hs, *args)
+    assert calls == [1]
+    unfused = x + layers.moe(hs, *args)
     assert torch.equal(fused, unfused)
-    adjusted = layers.moe_add(x, w["x"], *args, router_adjust=lambda i, lg: lg.add_(1.0))
-    assert adjusted.shape == fused.shape
+    adjusted = layers.moe_add(x, hs, *args, router_adjust=lambda i, lg: lg.add_(1.0))
+    assert adjusted.shape == fused.shape and calls == [1]

@@ -281,9 +281,12 @@ def moe_add(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: 
             limit: float, alpha: float,
             router_adjust: Callable[[torch.Tensor, torch.Tensor], None] | None = None
             ) -> torch.Tensor:
-    """The residual MoE step x + moe(h, ...), x and h [N, H]; one native call for a single
-    CPU bf16 token without a router adjustment (decode)."""
-    if router_adjust is None and h.shape[0] == 1 and _native_bf16(x, h, router_w, router_b):
+    """The residual MoE step x + moe(h, ...), x and h [N, H]; one native call, router
+    included, for CPU bf16 decode rows without a router adjustment (as many as `linear` takes
+    through the native GEMV, so that the router's logits round the same)."""
+    gemv_rows = _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS
+    if (router_adjust is None and 0 < h.shape[0] <= min(gemv_rows, _MOE_ROWS_MAX)
+            and _native_bf16(x, h, router_w, router_b)):
         return kernels.moe_decode(x, h, router_w, router_b, top_k, w1_blocks, w1_scales,
                                   w1_bias, w2_blocks, w2_scales, w2_bias, limit, alpha)
     return x + moe(h, router_w, router_b, top_k, w1_blocks, w1_scales, w1_bias, w2_blocks,

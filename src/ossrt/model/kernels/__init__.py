@@ -162,8 +162,9 @@ def moe_decode(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_
                top_k: int, w1_blocks: torch.Tensor, w1_scales: torch.Tensor,
                w1_bias: torch.Tensor, w2_blocks: torch.Tensor, w2_scales: torch.Tensor,
                w2_bias: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """One token's residual MoE step, router included: x [1, H] + `layers.moe`(h [1, H]) in
-    bf16, the same result as the torch-side routing followed by `moe_token`."""
+    """The residual MoE step of a few tokens, router included: x [N, H] + `layers.moe`(h [N, H])
+    in bf16, the same result as the torch-side routing (router through `bf16_linear`) followed
+    by `moe_token` (N = 1) or `moe_rows`."""
     return _load().moe_decode(x, h, router_w, router_b, int(top_k), w1_blocks, w1_scales,
                               w1_bias, w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 

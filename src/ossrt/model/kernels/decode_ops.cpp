@@ -14,6 +14,10 @@ torch::Tensor moe_token(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                         torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
                         torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
                         double limit, double alpha);
+torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
+                       torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
+                       torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
+                       double limit, double alpha);
 
 static const uint16_t* bf16_ptr(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
@@ -105,21 +109,25 @@ void rope_bf16_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tens
   rope_rows(bf16_ptr_mut(k), N, k.size(1), D, cos.data_ptr<float>(), sin.data_ptr<float>());
 }
 
-// One token's residual MoE step: x [1, H] + moe(h [1, H]) in bf16, where moe is `layers.moe`
-// without a router adjustment: router logits in bf16 (`bf16_linear`), top-k by torch's topk (same
-// tie order), softmax of those k in fp32 rounded to bf16, then `moe_token`.
+// The residual MoE step of N tokens: x [N, H] + moe(h [N, H]) in bf16, where moe is `layers.moe`
+// without a router adjustment, for the N that `layers.linear` sends through the native GEMV:
+// router logits in bf16 (`bf16_linear`), top-k by torch's topk (same tie order), softmax of those
+// k in fp32 rounded to bf16, then `moe_token` (one token) or `moe_rows`.
 torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_w,
                          torch::Tensor router_b, int64_t top_k, torch::Tensor w1_blocks,
                          torch::Tensor w1_scales, torch::Tensor w1_bias, torch::Tensor w2_blocks,
                          torch::Tensor w2_scales, torch::Tensor w2_bias, double limit, double alpha) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.sizes() == h.sizes() &&
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.sizes() == h.sizes() &&
               x.scalar_type() == torch::kBFloat16 && h.scalar_type() == torch::kBFloat16,
-              "x, h must be [1, H] bfloat16");
-  auto logits = bf16_linear(h, router_w, router_b).to(torch::kBFloat16);  // [1, E]
+              "x, h must be [N, H] bfloat16");
+  auto logits = bf16_linear(h, router_w, router_b).to(torch::kBFloat16);  // [N, E]
   auto [top, idx] = at::topk(logits, top_k, -1);
   auto weights = at::softmax(top.to(torch::kFloat32), -1).to(torch::kBFloat16);
-  auto y = moe_token(h[0], idx[0], weights[0], w1_blocks, w1_scales, w1_bias, w2_blocks,
-                     w2_scales, w2_bias, limit, alpha);  // [H] fp32
+  auto y = h.size(0) == 1
+               ? moe_token(h[0], idx[0], weights[0], w1_blocks, w1_scales, w1_bias, w2_blocks,
+                           w2_scales, w2_bias, limit, alpha)  // [H] fp32
+               : moe_rows(h, idx, weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales,
+                          w2_bias, limit, alpha);  // [N, H] fp32
   x = x.contiguous();
   auto out = torch::empty_like(x);
   const uint16_t* xp = bf16_ptr(x);
@@ -135,5 +143,5 @@ void register_decode_ops(pybind11::module& m) {
         py::arg("x"), py::arg("r"), py::arg("w"), py::arg("eps"));
   m.def("rope_bf16_", &rope_bf16_, "half-split rotary embedding of q and k, in place (CPU)");
   m.def("bf16_linear_bf16", &bf16_linear_bf16, "bf16_linear rounded to bf16 (CPU)");
-  m.def("moe_decode", &moe_decode, "x + moe(h) for one token, router included (CPU)");
+  m.def("moe_decode", &moe_decode, "x + moe(h) for a few tokens, router included (CPU)");
 }
