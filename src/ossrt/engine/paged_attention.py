@@ -116,9 +116,11 @@ class PagedAttention:
         group, idx = self.storage.group_of[layer]
         window = self.storage.cfg.window(layer)
         kc, vc = self.storage.k[group][idx], self.storage.v[group][idx]  # [slots, Hkv, D]
-        slots = self.write_slots[group].to(kc.device)
-        kc.index_copy_(0, slots, k.to(kc.dtype))
-        vc.index_copy_(0, slots, v.to(vc.dtype))
+        slots = self.write_slots[group]
+        if slots.device != kc.device:
+            slots = slots.to(kc.device)
+        kc.index_copy_(0, slots, k if k.dtype == kc.dtype else k.to(kc.dtype))
+        vc.index_copy_(0, slots, v if v.dtype == vc.dtype else v.to(vc.dtype))
         scale = self.storage.cfg.head_dim ** -0.5
         native = (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and q.dtype == kc.dtype
                   and kc.is_contiguous() and kernels.available())
