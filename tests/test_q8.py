@@ -32,6 +32,22 @@ def test_quantize_round_trip_and_error_bound(k: int) -> None:
 
 
 @native
+@pytest.mark.parametrize("k", [64, 544, 2880, 4096])
+def test_q8_linear_rows_of_a_batch_equal_their_own_calls(k: int) -> None:
+    """1 to 11 rows of x (groups of 4, 3, 2, 1 in one call): every row of the batched result is
+    bit for bit the one-row result, for K with and without the plain-order tail (odd blocks)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(45, k, generator=g).to(torch.bfloat16)
+    q = Q8Weight.quantize(w)
+    b = torch.randn(45, generator=g).to(torch.bfloat16)
+    for m in (2, 3, 4, 5, 8, 11):
+        x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).bfloat16()
+        got = kernels.q8_linear(x, q.q, q.scale, b)
+        one = torch.cat([kernels.q8_linear(x[i:i + 1], q.q, q.scale, b) for i in range(m)])
+        assert torch.equal(got, one), m
+
+
+@native
 @pytest.mark.parametrize("m,n,k", [(1, 37, 64), (3, 50, 96), (2, 33, 512), (1, 40, 1120),
                                    (2, 64, 2880)])
 def test_q8_linear_matches_dequantized_weights(m: int, n: int, k: int) -> None:
