@@ -99,7 +99,7 @@ class PagedAttention:
             row += n
         self.write_slots = {g: torch.cat(writes[g]) for g in GROUPS if writes[g]}
         # the decode sequences (one new token each), batched into one attn_decode call per
-        # layer: their rows, and per group their read slots end to end with offsets [D + 1]
+        # layer: their rows, and per group their read slots end to end with offsets [decodes + 1]
         dec = [s for s in self.seqs if s.n == 1]
         self.dec_rows = torch.tensor([s.row for s in dec], dtype=torch.long)
         self.all_decode = len(dec) == row
