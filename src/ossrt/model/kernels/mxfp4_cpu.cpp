@@ -1109,42 +1109,75 @@ __attribute__((noinline)) static float q8_plain_tail(const uint8_t* w, const flo
   return total;
 }
 
-static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, const Q8Act& a) {
-  const int64_t G = K / 32, G16 = G / 16;
-  const int8_t* xq = a.q.data();
-  const float* dx = a.d.data();
-  const int32_t* cx = a.c.data();
-  int64_t b = 0;
-  float total = 0.f;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  __m512 tot = _mm512_setzero_ps();
+// One weight row against R quantized rows of x -> out[i] (`q8_row_dot` is R = 1): per 16 blocks
+// the integer dots, then one fp32 multiply-add by the block scales; the 2-block tail likewise,
+// then the sum of the lanes and the 1-block tail. Each 64-byte weight vector is loaded once for
+// the R rows (batched decode), and every row's result is the same whatever R is.
+template <int R>
+static inline void q8_rows_dot(const uint8_t* w, const float* ws, int64_t K,
+                               const Q8Act* const* a, float* out) {
+  const int64_t G = K / 32, G16 = G / 16;
+  __m512 tot[R];
+  for (int i = 0; i < R; ++i) tot[i] = _mm512_setzero_ps();
+  int64_t b = 0;
   for (int64_t g = 0; g < G16; ++g, b += 16) {
     const uint8_t* wg = w + g * 512;
-    const int8_t* xg = xq + g * 512;
-    // two chains of four (vpdpbusd's latency, not its throughput, bounds one chain of eight);
-    // integer sums, so the split is exact
-    __m512i acc0 = _mm512_loadu_si512(cx + b), acc1 = _mm512_setzero_si512();
-    for (int t = 0; t < 8; t += 2) {
-      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(wg + 64 * t), _mm512_loadu_si512(xg + 64 * t));
-      acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(wg + 64 * t + 64),
-                                 _mm512_loadu_si512(xg + 64 * t + 64));
+    // one row of x: two chains of four (vpdpbusd's latency, not its throughput, bounds one
+    // chain of eight); integer sums, so the split is exact
+    __m512i acc[R], odd[R];
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_loadu_si512(a[i]->c.data() + b);
+      odd[i] = _mm512_setzero_si512();
     }
-    const __m512i acc = _mm512_add_epi32(acc0, acc1);
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
-                          _mm512_mul_ps(_mm512_loadu_ps(ws + b), _mm512_loadu_ps(dx + b)), tot);
+    for (int t = 0; t < 8; ++t) {
+      const __m512i wv = _mm512_loadu_si512(wg + 64 * t);
+      for (int i = 0; i < R; ++i) {
+        const __m512i xv = _mm512_loadu_si512(a[i]->q.data() + g * 512 + 64 * t);
+        if (R == 1 && (t & 1)) odd[i] = _mm512_dpbusd_epi32(odd[i], wv, xv);
+        else acc[i] = _mm512_dpbusd_epi32(acc[i], wv, xv);
+      }
+    }
+    if (R == 1) acc[0] = _mm512_add_epi32(acc[0], odd[0]);
+    const __m512 sw = _mm512_loadu_ps(ws + b);
+    for (int i = 0; i < R; ++i)
+      tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]),
+                               _mm512_mul_ps(sw, _mm512_loadu_ps(a[i]->d.data() + b)), tot[i]);
   }
   // the plain-order tail, two blocks (64 bytes) per step: int32 lanes 0-7 hold block b's
   // partial sums (and its -128 sum(x) term in lane 0), lanes 8-15 block b + 1's
   for (; b + 2 <= G; b += 2) {
-    __m512i acc = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0x0001, cx[b]);
-    acc = _mm512_mask_set1_epi32(acc, 0x0100, cx[b + 1]);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w + b * 32), _mm512_loadu_si512(xq + b * 32));
-    const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[b] * dx[b]),
-                                           _mm512_set1_ps(ws[b + 1] * dx[b + 1]));
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, tot);
+    const __m512i wv = _mm512_loadu_si512(w + b * 32);
+    for (int i = 0; i < R; ++i) {
+      const Q8Act& x = *a[i];
+      __m512i acc = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0x0001, x.c[b]);
+      acc = _mm512_mask_set1_epi32(acc, 0x0100, x.c[b + 1]);
+      acc = _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512(x.q.data() + b * 32));
+      const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[b] * x.d[b]),
+                                             _mm512_set1_ps(ws[b + 1] * x.d[b + 1]));
+      tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, tot[i]);
+    }
   }
-  total = _mm512_reduce_add_ps(tot);
-#elif defined(OSSRT_AVX2)
+  for (int i = 0; i < R; ++i) {
+    const float total = _mm512_reduce_add_ps(tot[i]);
+    out[i] = b < G ? q8_plain_tail(w, ws, *a[i], b, G, total) : total;
+  }
+}
+#endif
+
+static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, const Q8Act& a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const Q8Act* ap = &a;
+  float out;
+  q8_rows_dot<1>(w, ws, K, &ap, &out);
+  return out;
+#else
+  const int64_t G = K / 32, G16 = G / 16;
+  const int8_t* xq = a.q.data();
+  const float* dx = a.d.data();
+  int64_t b = 0;
+  float total = 0.f;
+#if defined(OSSRT_AVX2)
   // the weight bytes made signed (v = wq - 128) and multiplied through vpmaddubsw as |v| times
   // x with v's sign (|v|, |x| <= 127: no 16-bit saturation); dword l of each 32-byte step is
   // block l's partial dot, so the -128 sum(x) term is not needed
@@ -1168,6 +1201,7 @@ static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, con
   }
   total = ossrt_avx2::hsum(tot);
 #else
+  const int32_t* cx = a.c.data();
   for (; b < 16 * G16; ++b) {  // interleaved runs, scalar
     int32_t dot = 0;
     for (int j = 0; j < 32; ++j) {
@@ -1177,55 +1211,9 @@ static inline float q8_row_dot(const uint8_t* w, const float* ws, int64_t K, con
     total += ws[b] * dx[b] * static_cast<float>(dot + cx[b]);
   }
 #endif
-  (void)dx;
-  (void)cx;
   return b < G ? q8_plain_tail(w, ws, a, b, G, total) : total;
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// One weight row against R quantized rows of x -> out[i], each exactly `q8_row_dot(w, ws, K,
-// *a[i])` (the same fp32 steps in the same order; the integer sums are exact in any order): each
-// 64-byte weight vector is loaded once for the R rows, so the vpdpbusd work, not the loads,
-// sets the pace for a few rows of x (batched decode).
-template <int R>
-static inline void q8_rows_dot(const uint8_t* w, const float* ws, int64_t K,
-                               const Q8Act* const* a, float* out) {
-  const int64_t G = K / 32, G16 = G / 16;
-  __m512 tot[R];
-  for (int i = 0; i < R; ++i) tot[i] = _mm512_setzero_ps();
-  int64_t b = 0;
-  for (int64_t g = 0; g < G16; ++g, b += 16) {
-    const uint8_t* wg = w + g * 512;
-    __m512i acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_loadu_si512(a[i]->c.data() + b);
-    for (int t = 0; t < 8; ++t) {
-      const __m512i wv = _mm512_loadu_si512(wg + 64 * t);
-      for (int i = 0; i < R; ++i)
-        acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512(a[i]->q.data() + g * 512 + 64 * t));
-    }
-    const __m512 sw = _mm512_loadu_ps(ws + b);
-    for (int i = 0; i < R; ++i)
-      tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]),
-                               _mm512_mul_ps(sw, _mm512_loadu_ps(a[i]->d.data() + b)), tot[i]);
-  }
-  for (; b + 2 <= G; b += 2) {  // the plain-order tail, as q8_row_dot
-    const __m512i wv = _mm512_loadu_si512(w + b * 32);
-    for (int i = 0; i < R; ++i) {
-      const Q8Act& x = *a[i];
-      __m512i acc = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0x0001, x.c[b]);
-      acc = _mm512_mask_set1_epi32(acc, 0x0100, x.c[b + 1]);
-      acc = _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512(x.q.data() + b * 32));
-      const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[b] * x.d[b]),
-                                             _mm512_set1_ps(ws[b + 1] * x.d[b + 1]));
-      tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, tot[i]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    const float total = _mm512_reduce_add_ps(tot[i]);
-    out[i] = b < G ? q8_plain_tail(w, ws, *a[i], b, G, total) : total;
-  }
-}
 #endif
+}
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws,
                         c10::optional<torch::Tensor> bias) {
