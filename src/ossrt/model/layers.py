@@ -33,6 +33,11 @@ _GEMV_MAX_ROWS_F32 = 32  # the same where GEMMs run in fp32 (cpu_gemm): measured
 # W [16384, 2880], 8 rows 16 ms native vs 51 ms fp32, 32 rows 69 vs 111 ms
 
 
+def _gemv_max_rows() -> int:
+    """Most bf16 rows `linear` sends through the native GEMV on this CPU."""
+    return _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T + b -> [..., N] in `out_dtype` (default x's dtype).
@@ -61,8 +66,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None =
             return linear_f32(x, wd, b, out_dtype)
         y = F.linear(x, wd, b)
         return y if out_dtype is None else y.to(out_dtype)
-    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and gemv and 0 < rows <= (
-            _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS)):
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and gemv
+            and 0 < rows <= _gemv_max_rows()):
         if out_dtype in (None, torch.bfloat16):
             return kernels.bf16_linear_bf16(x.reshape(rows, -1), w, b).view(*x.shape[:-1], -1)
         y = kernels.bf16_linear(x.reshape(rows, -1), w, b).view(*x.shape[:-1], w.shape[0])
@@ -284,8 +289,7 @@ def moe_add(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: 
     """The residual MoE step x + moe(h, ...), x and h [N, H]; one native call, router
     included, for CPU bf16 decode rows without a router adjustment (as many as `linear` takes
     through the native GEMV, so that the router's logits round the same)."""
-    gemv_rows = _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS
-    if (router_adjust is None and 0 < h.shape[0] <= min(gemv_rows, _MOE_ROWS_MAX)
+    if (router_adjust is None and 0 < h.shape[0] <= min(_gemv_max_rows(), _MOE_ROWS_MAX)
             and _native_bf16(x, h, router_w, router_b)):
         return kernels.moe_decode(x, h, router_w, router_b, top_k, w1_blocks, w1_scales,
                                   w1_bias, w2_blocks, w2_scales, w2_bias, limit, alpha)
