@@ -247,3 +247,18 @@ def test_bench_reports_every_phase(ckpt, capsys, monkeypatch):
         assert d["decode_tok_s_aggregate"] == pytest.approx(
             d["decode_tok_s_per_seq"] * d["concurrency"], rel=0.01)
     assert res["peak_rss_gib"] > 0 and res["load_s"] >= 0
+    from ossrt.model import kernels, load_model
+    from ossrt.model.membw import step_bytes
+    if kernels.available():  # the bandwidth bound of each decode figure
+        rate = res["read_gb_s"]
+        assert 0 < rate["before"]["min"] <= rate["before"]["median"] <= rate["before"]["max"]
+        assert rate["after"]["median"] > 0
+        cfg = load_model(ckpt, "bfloat16").cfg
+        for d in res["decode"]:
+            assert d["bytes_per_step_gb"] == pytest.approx(
+                step_bytes(cfg, d["concurrency"], 8).total / 1e9, abs=1e-3)
+            assert d["of_bound"] == pytest.approx(d["decode_tok_s_aggregate"] / d["bound_tok_s"],
+                                                  rel=0.01)
+            lo, hi = (min(r["min"] for r in rate.values()), max(r["max"] for r in rate.values()))
+            per_step = step_bytes(cfg, d["concurrency"], 8).total / 1e9 / d["concurrency"]
+            assert lo / per_step * 0.99 <= d["bound_tok_s"] <= hi / per_step * 1.01

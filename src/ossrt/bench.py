@@ -6,8 +6,12 @@ Measures, with random prompt ids (speed does not depend on the text):
   after one untimed request of the same size (first-touch costs: thread pools, allocator, caches;
   llama.cpp's benchmarks warm up the same way);
 - decode at each concurrency c: c sequences decoding together, aggregate and per-sequence tok/s
-  (timed from the step after every sequence has its first token);
-- peak RSS of the process.
+  (timed from the step after every sequence has its first token), and its bandwidth bound: the
+  bytes a step reads (`membw.step_bytes`) over the machine's read rate (`membw.read_bandwidth`,
+  the median of the rates measured before loading the model and after the decode runs), as
+  the fastest possible aggregate tok/s and the fraction of it reached;
+- peak RSS of the process (taken before the second read-rate probe, whose buffer it would
+  otherwise count).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.malloc import fix_mmap_threshold
 from .engine.sequence import SamplingParams
-from .model import load_model
+from .model import kernels, load_model
+from .model.membw import read_bandwidth, step_bytes, summary
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -66,6 +71,7 @@ def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
     if threads:
         torch.set_num_threads(threads)
     fix_mmap_threshold()  # as `ossrt serve` runs
+    before = read_bandwidth() if kernels.available() else []  # the read loop is native
     t0 = time.perf_counter()
     model = load_model(model_dir, dtype, progress=False, dense_dtype=dense_dtype)
     load_s = time.perf_counter() - t0
@@ -74,13 +80,24 @@ def run_bench(model_dir: str, *, dtype: str = "auto", prompt_tokens: int = 512,
                                            kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
                                            enable_prefix_caching=False))
     _prefill(engine, prompt_tokens, seed=2)  # warm-up, untimed
+    prefill = _prefill(engine, prompt_tokens)
     result: dict[str, Any] = {
         "model": model_dir, "dtype": str(model.dtype).removeprefix("torch."),
         "dense_dtype": model.dense_dtype,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_s": round(load_s, 2), "prefill": _prefill(engine, prompt_tokens),
+        "load_s": round(load_s, 2), "prefill": prefill,
         "decode": [_decode(engine, c, decode_prompt_tokens, decode_tokens) for c in concurrency],
     }
     result["peak_rss_gib"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)
+    if before:
+        rates = before + read_bandwidth()
+        result["read_gb_s"] = {"before": summary(before), "after": summary(rates[len(before):])}
+        bw = summary(rates)["median"]
+        for d in result["decode"]:
+            b = step_bytes(model.cfg, d["concurrency"], decode_prompt_tokens, model.dense_dtype)
+            bound = d["concurrency"] / (b.total / (bw * 1e9))
+            d.update(bytes_per_step_gb=round(b.total / 1e9, 3),
+                     bound_tok_s=round(bound, 2),
+                     of_bound=round(d["decode_tok_s_aggregate"] / bound, 3))
     return result

@@ -168,3 +168,9 @@ def moe_decode(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_
     return _load().moe_decode(x, h, router_w, router_b, int(top_k), w1_blocks, w1_scales,
                               w1_bias, w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 
+
+
+def read_xor(t: torch.Tensor) -> int:
+    """XOR of contiguous CPU tensor `t`'s 64-bit words (as a signed int64), read in parallel over
+    torch's threads: the read loop `membw.read_bandwidth` times."""
+    return int(_load().read_xor(t))

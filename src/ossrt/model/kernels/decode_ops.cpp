@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include "bf16.h"
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // mxfp4_cpu.cpp
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
@@ -138,7 +142,45 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_
   return out;
 }
 
+// XOR of every 64-bit word of contiguous t (nbytes a multiple of 8), read in parallel with
+// plain sequential loads and nothing else: the memory read rate a decode step can hope for, measured
+// the way its kernels read (`membw.read_bandwidth` times it). The XOR makes the reads
+// observable, so the compiler cannot drop them, and lets a test check that all were read.
+int64_t read_xor(torch::Tensor t) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "t must be a contiguous CPU tensor");
+  const int64_t nbytes = t.numel() * t.element_size();
+  TORCH_CHECK(nbytes % 8 == 0, "t must hold a whole number of 8-byte words");
+  const uint64_t* p = static_cast<const uint64_t*>(t.data_ptr());
+  const int64_t words = nbytes / 8, chunk = 1 << 15;  // 256 KiB per task
+  std::vector<uint64_t> part((words + chunk - 1) / chunk, 0);
+  at::parallel_for(0, static_cast<int64_t>(part.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t w0 = c * chunk, w1 = std::min(words, w0 + chunk);
+      int64_t w = w0;
+      uint64_t acc = 0;
+#if defined(__AVX512F__)
+      __m512i a = _mm512_setzero_si512(), b = a, d = a, e = a;
+      for (; w + 32 <= w1; w += 32) {
+        a = _mm512_xor_si512(a, _mm512_loadu_si512(p + w));
+        b = _mm512_xor_si512(b, _mm512_loadu_si512(p + w + 8));
+        d = _mm512_xor_si512(d, _mm512_loadu_si512(p + w + 16));
+        e = _mm512_xor_si512(e, _mm512_loadu_si512(p + w + 24));
+      }
+      alignas(64) uint64_t lanes[8];
+      _mm512_store_si512(lanes, _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(d, e)));
+      for (uint64_t l : lanes) acc ^= l;
+#endif
+      for (; w < w1; ++w) acc ^= p[w];
+      part[c] = acc;
+    }
+  });
+  uint64_t acc = 0;
+  for (uint64_t v : part) acc ^= v;
+  return static_cast<int64_t>(acc);
+}
+
 void register_decode_ops(pybind11::module& m) {
+  m.def("read_xor", &read_xor, "XOR of a tensor's 64-bit words, read in parallel (CPU)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "(x + r, rms_norm(x + r)) in bf16 (CPU)",
         py::arg("x"), py::arg("r"), py::arg("w"), py::arg("eps"));
   m.def("rope_bf16_", &rope_bf16_, "half-split rotary embedding of q and k, in place (CPU)");
