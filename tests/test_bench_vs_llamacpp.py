@@ -129,3 +129,51 @@ def test_main_table_only(tmp_path, capsys):
     assert "`peer -d 128 -p 0 -n 32`" in text and "AVX-512" in text
     assert "- ossrt: threads 2, dtype bfloat16," in text
     assert (out / "table.md").read_text().strip() == text.strip()
+
+
+def _with_rates(runs: dict, before: float, after: float, inside: bool) -> dict:
+    rates = {"before": {"median": before}, "after": {"median": after}}
+    out = json.loads(json.dumps(runs))
+    for run in out["runs"]:
+        if inside:
+            run["result"]["read_gb_s"] = rates
+        else:
+            run["read_gb_s"] = rates
+    return out
+
+
+def test_bound_rows_put_each_figure_against_bytes_over_rate():
+    peer = _with_rates(PEER, 30.0, 34.0, inside=False)  # the peer's rates sit next to its result
+    ossrt = _with_rates(OSSRT, 40.0, 44.0, inside=True)  # `ossrt bench` reports its own
+    gb = {"llama.cpp": 2.0, "ossrt": 4.0}
+    rows = {r[0]: r[1:] for r in vs.bound_rows(peer, ossrt, [128], [4],
+                                               lambda e, b, d: gb[e] * (1 + b / 10))}
+    ga, gb_, ra, rb, fa, fb = rows["decode at depth 128, 1 sequence"]
+    assert (ga, gb_, ra, rb) == (pytest.approx(2.2), pytest.approx(4.4), 32.0, 42.0)
+    assert fa == pytest.approx(10.0 / (32.0 / 2.2)) and fb == pytest.approx(5.0 / (42.0 / 4.4))
+    *_, fa, fb = rows["decode aggregate, batch 4 at depth 128"]
+    assert fa == pytest.approx(15.0 / (4 * 32.0 / 2.8)) and fb == pytest.approx(12.0 / (4 * 42.0 / 5.6))
+    table = vs.bound_table(vs.bound_rows(peer, ossrt, [128], [4], lambda e, b, d: 1.0))
+    assert "| decode at depth 128, 1 sequence | 1.00 / 1.00 | 32.00 / 42.00 | 31% / 12% |" in table
+    # no rate measured: no fraction, not a crash
+    rows = vs.bound_rows(PEER, OSSRT, [128], [4], lambda e, b, d: 1.0)
+    assert all(r[3] is None and r[5] is None for r in rows)
+
+
+def test_pairs_table_reports_the_median_ratio():
+    def pair(peer_tps: float, ossrt_tps: float) -> dict:
+        return {"peer": {"result": _peer_result(0, 0, 0, None, None, 1.0, [(4, peer_tps)]),
+                         "read_gb_s": {"before": {"median": 30.0}, "after": {"median": 30.0}}},
+                "ossrt": {"params": {"decode_prompt_tokens": 128},
+                          "result": _ossrt_result(16, 1.0, [(4, ossrt_tps)], 1.0)}}
+    text = vs.pairs_table([pair(10, 12), pair(10, 16), pair(10, 15)], [4], 128)
+    assert "| 2 | 4 | 10.00 | 16.00 | 1.60x | 30.00 / - |" in text
+    assert "batch 4: median ratio over 3 pairs **1.50x** (range 1.20-1.60x)" in text
+
+
+def test_step_gb_for_each_engine_format(tmp_path):
+    step_gb = vs.step_gb_for(tmp_path, "q8_0", "bfloat16")  # no checkpoint there: the 20b shape
+    assert step_gb("ossrt", 1, 0) == pytest.approx(3.71, abs=0.02)  # bf16 dense + 4 experts
+    assert step_gb("llama.cpp", 1, 0) < step_gb("ossrt", 1, 0) * 0.7  # its dense q8_0
+    assert vs.step_gb_for(tmp_path, "bf16", "bfloat16")("llama.cpp", 4, 128) == \
+        pytest.approx(step_gb("ossrt", 4, 128))
