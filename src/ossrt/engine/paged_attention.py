@@ -110,6 +110,21 @@ class PagedAttention:
             self.dec_read[g] = (torch.cat(reads) if reads else torch.empty(0, dtype=torch.long),
                                 lens.cumsum(0))
 
+    def native_decode(self, layer: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor] | None:
+        """For a step of decode rows only, over a CPU bf16 cache: (kc, vc, write slots, read
+        slots, offsets) of this layer, for `kernels.decode_layer` to write and read the cache
+        itself exactly as `__call__` would; else None."""
+        if not self.all_decode or not self.seqs:
+            return None
+        group, idx = self.storage.group_of[layer]
+        kc, vc = self.storage.k[group][idx], self.storage.v[group][idx]  # [slots, Hkv, D]
+        if not (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and kc.is_contiguous()
+                and vc.is_contiguous() and kernels.available()):
+            return None
+        return (kc, vc, self.write_slots[group], *self.dec_read[group])
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  sinks: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]."""

@@ -38,6 +38,12 @@ def _gemv_max_rows() -> int:
     return _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS
 
 
+def decode_layer_max_rows() -> int:
+    """Most decode rows `kernels.decode_layer` takes: as many as both `linear` (native GEMV)
+    and `moe_add` (one native MoE call) take, so that its ops are theirs."""
+    return min(_gemv_max_rows(), _MOE_ROWS_MAX)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T + b -> [..., N] in `out_dtype` (default x's dtype).
@@ -289,7 +295,7 @@ def moe_add(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_b: 
     """The residual MoE step x + moe(h, ...), x and h [N, H]; one native call, router
     included, for CPU bf16 decode rows without a router adjustment (as many as `linear` takes
     through the native GEMV, so that the router's logits round the same)."""
-    if (router_adjust is None and 0 < h.shape[0] <= min(_gemv_max_rows(), _MOE_ROWS_MAX)
+    if (router_adjust is None and 0 < h.shape[0] <= decode_layer_max_rows()
             and _native_bf16(x, h, router_w, router_b)):
         return kernels.moe_decode(x, h, router_w, router_b, top_k, w1_blocks, w1_scales,
                                   w1_bias, w2_blocks, w2_scales, w2_bias, limit, alpha)

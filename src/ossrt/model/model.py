@@ -19,7 +19,9 @@ from torch import nn
 
 from . import hugepages
 from .config import GptOssConfig
-from .layers import YarnRope, add_rms_norm, attend, linear, moe_add, rms_norm
+from . import kernels
+from .layers import (YarnRope, add_rms_norm, attend, decode_layer_max_rows, linear, moe_add,
+                     rms_norm)
 from .loader import Checkpoint, read_checkpoint
 from .lora import LoraBatch
 from .q8 import Q8Weight
@@ -55,6 +57,16 @@ class AttentionBackend(Protocol):
                  sinks: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] post-RoPE for this step's N tokens -> [N, Hq, D]."""
         ...
+
+
+NativeDecode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# kc, vc [slots, Hkv, D] bf16, write_slots [N], read_slots, offsets [N + 1]: what
+# `kernels.decode_layer` needs to run a layer's attention itself. A backend may offer them
+# through `native_decode(layer) -> NativeDecode | None` (None: call the backend instead).
+
+_FUSED = ("attn_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "sinks", "o_w", "o_b",
+          "mlp_norm", "router_w", "router_b", "w1_blocks", "w1_scales", "w1_bias", "w2_blocks",
+          "w2_scales", "w2_bias")  # `kernels.decode_layer`'s weights, in its order
 
 
 class ContiguousAttention:
@@ -98,6 +110,14 @@ class Block(nn.Module):
         adapters of the rows that use one."""
         cfg, layer = self.cfg, self.layer
         n = x.shape[0]
+        if lora is None and 0 < n <= decode_layer_max_rows():
+            native = getattr(attn, "native_decode", None)
+            fused = native(layer) if native is not None else None
+            w = self._fused_weights(x) if fused is not None else None
+            if w is not None:  # one native call, the same ops as below
+                return kernels.decode_layer(x, cos, sin, w, *fused, cfg.num_experts_per_tok,
+                                            cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+                                            cfg.swiglu_limit, cfg.swiglu_alpha)
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
         q, k, v = (linear(h, self.q_w, self.q_b), linear(h, self.k_w, self.k_b),
                    linear(h, self.v_w, self.v_b))  # [N, Hq*D], [N, Hkv*D] x2
@@ -119,6 +139,20 @@ class Block(nn.Module):
                        self.w1_blocks, self.w1_scales, self.w1_bias,
                        self.w2_blocks, self.w2_scales, self.w2_bias,
                        cfg.swiglu_limit, cfg.swiglu_alpha, router)
+
+
+    def _fused_weights(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """This layer's weights for `kernels.decode_layer`, or None where it cannot run them
+        bit for bit as `forward` would: 8-bit dense weights, not CPU bf16, autograd on."""
+        params, bufs = self._parameters, self._buffers
+        ts = [params[k] if k in params else bufs.get(k) for k in _FUSED]
+        if (torch.is_grad_enabled() or x.dtype != torch.bfloat16 or not x.is_cpu
+                or not kernels.available()):
+            return None
+        for i, t in enumerate(ts):
+            if t is None or not t.is_cpu or (i < 13 and t.dtype != torch.bfloat16):
+                return None  # e.g. a `Q8Weight` in place of q_w
+        return ts  # type: ignore[return-value]
 
 
 class GptOss(nn.Module):

@@ -170,6 +170,16 @@ def moe_decode(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_
 
 
 
+def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: list[torch.Tensor],
+                 kc: torch.Tensor, vc: torch.Tensor, write_slots: torch.Tensor,
+                 read_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, eps: float,
+                 scale: float, limit: float, alpha: float) -> torch.Tensor:
+    """One decoder layer of N decode rows x [N, H] over a paged cache (kc, vc written at
+    write_slots), in one call: the same native ops `model.Block.forward` calls, in its order."""
+    return _load().decode_layer(x, cos, sin, w, kc, vc, write_slots, read_slots, offsets,
+                                int(top_k), float(eps), float(scale), float(limit), float(alpha))
+
+
 def read_xor(t: torch.Tensor) -> int:
     """XOR of contiguous CPU tensor `t`'s 64-bit words (as a signed int64), read in parallel over
     torch's threads: the read loop `membw.read_bandwidth` times."""

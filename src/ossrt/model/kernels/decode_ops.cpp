@@ -142,6 +142,56 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_
   return out;
 }
 
+// One decoder layer for N decode rows (one new token per sequence) over a paged KV cache, in
+// one call: `model.Block.forward` with `PagedAttention`, no LoRA, every op the same native op
+// it calls from Python, in the same order (so the same bits):
+//   h = rms_norm(x); q, k, v = h W^T + b (bf16_linear_bf16); rope(q, k); write k, v into
+//   kc, vc at write_slots; o = attn_decode(q, kc, vc, read_slots, offsets);
+//   x, h = x + (o W_o^T + b_o), rms_norm of that; x + moe(h) (moe_decode).
+// x [N, H] bf16; cos, sin [N, D/2] fp32; kc, vc [slots, Hkv, D] bf16 (written in place);
+// write_slots [N], read_slots, offsets [N + 1] int64 as `attn_decode`'s -> [N, H] bf16.
+torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                          torch::Tensor sinks, double scale, c10::optional<torch::Tensor> offsets);
+
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                           const std::vector<torch::Tensor>& w, torch::Tensor kc,
+                           torch::Tensor vc, torch::Tensor write_slots, torch::Tensor read_slots,
+                           torch::Tensor offsets, int64_t top_k, double eps, double scale,
+                           double limit, double alpha) {
+  // w: attn_norm, q_w, q_b, k_w, k_b, v_w, v_b, sinks, o_w, o_b, mlp_norm, router_w, router_b,
+  //    w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias
+  TORCH_CHECK(w.size() == 19, "decode_layer takes the layer's 19 tensors");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be [N, H] bfloat16");
+  TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.is_contiguous() &&
+              vc.is_contiguous() && kc.scalar_type() == torch::kBFloat16 &&
+              vc.scalar_type() == torch::kBFloat16, "kc, vc must be contiguous [slots, Hkv, D] bf16");
+  const int64_t N = x.size(0), Hkv = kc.size(1), D = kc.size(2);
+  TORCH_CHECK(write_slots.dim() == 1 && write_slots.numel() == N, "write_slots must be [N]");
+  auto h = rms_norm_bf16(x, c10::nullopt, w[0], eps)[1];
+  auto q = bf16_linear_bf16(h, w[1], w[2]);
+  auto k = bf16_linear_bf16(h, w[3], w[4]);
+  auto v = bf16_linear_bf16(h, w[5], w[6]);
+  TORCH_CHECK(q.size(1) % D == 0 && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
+              "q, k, v widths must match the cache's heads");
+  q = q.view({N, q.size(1) / D, D});
+  k = k.view({N, Hkv, D});
+  v = v.view({N, Hkv, D});
+  rope_bf16_(q, k, cos, sin);
+  auto ws = write_slots.to(torch::kInt64).contiguous();
+  const int64_t* wsp = ws.data_ptr<int64_t>();
+  const int64_t row = Hkv * D, nslots = kc.size(0);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(wsp[n] >= 0 && wsp[n] < nslots, "write slot out of range");
+    std::memcpy(bf16_ptr_mut(kc) + wsp[n] * row, bf16_ptr(k) + n * row, row * 2);
+    std::memcpy(bf16_ptr_mut(vc) + wsp[n] * row, bf16_ptr(v) + n * row, row * 2);
+  }
+  auto o = attn_decode(q, kc, vc, read_slots, w[7], scale, offsets).reshape({N, -1});
+  auto out = bf16_linear_bf16(o, w[8], w[9]);
+  auto xh = rms_norm_bf16(x, out, w[10], eps);
+  return moe_decode(xh[0], xh[1], w[11], w[12], top_k, w[13], w[14], w[15], w[16], w[17], w[18],
+                    limit, alpha);
+}
+
 // XOR of every 64-bit word of contiguous t (nbytes a multiple of 8), read in parallel with
 // plain sequential loads and nothing else: the memory read rate a decode step can hope for, measured
 // the way its kernels read (`membw.read_bandwidth` times it). The XOR makes the reads
@@ -180,6 +230,7 @@ int64_t read_xor(torch::Tensor t) {
 }
 
 void register_decode_ops(pybind11::module& m) {
+  m.def("decode_layer", &decode_layer, "one decoder layer of N decode rows, paged KV (CPU)");
   m.def("read_xor", &read_xor, "XOR of a tensor's 64-bit words, read in parallel (CPU)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "(x + r, rms_norm(x + r)) in bf16 (CPU)",
         py::arg("x"), py::arg("r"), py::arg("w"), py::arg("eps"));
