@@ -5,6 +5,8 @@ native kernel call timed (wall clock, so the figures add up to the step), printe
 
 Weights in huge pages as `ossrt serve` has them. Not a benchmark of record (no peer, one
 process): it tells which kernel to work on, and at what rate each one streams its weights.
+Each layer runs op by op from Python (the engine's one-call-per-layer `decode_layer` is turned
+off here, so that its inner kernels can be timed one by one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ossrt.bench import _prompt
 from ossrt.engine.llm_engine import EngineConfig, LLMEngine
+from ossrt.engine.paged_attention import PagedAttention
 from ossrt.engine.malloc import fix_mmap_threshold
 from ossrt.engine.sequence import SamplingParams
 from ossrt.model import kernels, load_model
@@ -62,6 +65,7 @@ def main() -> None:
             probe[0] += time.perf_counter() - t
         return timed_moe_decode(x, h, router_w, router_b, top_k, *rest)
     kernels.moe_decode = moe_decode
+    PagedAttention.native_decode = lambda self, layer: None  # type: ignore[method-assign]
     torch.set_num_threads(a.threads)
     fix_mmap_threshold()
     model = load_model(a.model, "auto", progress=False, dense_dtype=a.dense_dtype)
