@@ -62,3 +62,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _random_paged_storage(cfg, nblocks: int, g: torch.Generator, block_size: int = 4):  # noqa: ANN001, ANN202
+    from ossrt.engine.kv_cache import KVCacheSpec
+    from ossrt.engine.paged_attention import PagedKVStorage
+
+    storage = PagedKVStorage(cfg, KVCacheSpec(block_size, nblocks, nblocks, cfg.sliding_window,
+                                              enable_prefix_caching=False), torch.bfloat16)
+    for pool in (*storage.k.values(), *storage.v.values()):
+        pool.copy_(torch.randn(pool.shape, generator=g))
+    return storage
+
+
+@pytest.fixture
+def random_paged_storage() -> Callable:
+    """`random_paged_storage(cfg, nblocks, generator)`: a bf16 paged KV storage (block size 4,
+    both pools nblocks long) filled with random values, as a cache mid-conversation."""
+    return _random_paged_storage

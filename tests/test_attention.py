@@ -71,24 +71,22 @@ def test_sink_only_lowers_the_weights():
 
 @pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("mix", ["decode only", "decode and prefill"])
-def test_paged_attention_batched_decode_matches_reference(monkeypatch, head_dim, mix):
+def test_paged_attention_batched_decode_matches_reference(monkeypatch, random_paged_storage,
+                                                           head_dim, mix):
     """The paged backend in bf16 with its decode rows in one native call (sequences of
     different lengths, one past the sliding window, one at its first token, scattered blocks;
     with a prefill chunk in the middle of the batch or not): every row matches the reference
     path (the same step with the native kernels off) on both layer kinds."""
-    from ossrt.engine.kv_cache import BlockTable, KVCacheSpec
-    from ossrt.engine.paged_attention import PagedAttention, PagedKVStorage
+    from ossrt.engine.kv_cache import BlockTable
+    from ossrt.engine.paged_attention import PagedAttention
     from ossrt.model import kernels, preset
 
     if not kernels.available():
         pytest.skip("native kernels not built")
     cfg = preset("tiny").replace(head_dim=head_dim)
     bs, nblocks = 4, 64
-    storage = PagedKVStorage(cfg, KVCacheSpec(bs, nblocks, nblocks, cfg.sliding_window,
-                                              enable_prefix_caching=False), torch.bfloat16)
     g = torch.Generator().manual_seed(head_dim)
-    for pool in (*storage.k.values(), *storage.v.values()):
-        pool.copy_(torch.randn(pool.shape, generator=g))
+    storage = random_paged_storage(cfg, nblocks, g)
     ids = torch.randperm(nblocks, generator=g).tolist()
     spans = [(20, 1), (5, 6), (150, 1), (0, 1)] if mix != "decode only" else [
         (20, 1), (150, 1), (0, 1), (63, 1)]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ossrt.engine.kv_cache import BlockTable, KVCacheSpec
-from ossrt.engine.paged_attention import PagedAttention, PagedKVStorage
+from ossrt.engine.kv_cache import BlockTable
+from ossrt.engine.paged_attention import PagedAttention
 from ossrt.model import kernels, layers, load_model, preset, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ toolchain here")
@@ -22,15 +22,12 @@ def model_dir(request, tmp_path_factory):  # noqa: ANN001, ANN201 - pytest fixtu
     return out
 
 
-def _step(cfg, n: int, seed: int):  # noqa: ANN001, ANN202
+def _step(cfg, n: int, seed: int, paged):  # noqa: ANN001, ANN202
     """A paged cache with random contents and n decode sequences at scattered positions (one at
     its first token, some past the sliding window), plus their hidden rows and rope."""
     bs, nblocks = 4, 96
-    storage = PagedKVStorage(cfg, KVCacheSpec(bs, nblocks, nblocks, cfg.sliding_window,
-                                              enable_prefix_caching=False), torch.bfloat16)
     g = torch.Generator().manual_seed(seed)
-    for pool in (*storage.k.values(), *storage.v.values()):
-        pool.copy_(torch.randn(pool.shape, generator=g))
+    storage = paged(cfg, nblocks, g)
     starts = [0, 37, 5, 60, 17, 2, 44, 9, 30][:n]
     ids = torch.randperm(nblocks, generator=g).tolist()
     chunks, used = [], 0
@@ -43,17 +40,18 @@ def _step(cfg, n: int, seed: int):  # noqa: ANN001, ANN202
     return storage, chunks, x, torch.tensor(starts)
 
 
-def _pools(storage: PagedKVStorage) -> list[torch.Tensor]:
+def _pools(storage) -> list[torch.Tensor]:  # noqa: ANN001 - a PagedKVStorage
     return [*storage.k.values(), *storage.v.values()]
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 9])
-def test_fused_layer_is_bit_identical(model_dir, monkeypatch, n: int) -> None:  # noqa: ANN001
+def test_fused_layer_is_bit_identical(model_dir, monkeypatch, random_paged_storage,  # noqa: ANN001
+                                      n: int) -> None:
     model = load_model(model_dir, "bfloat16")
     calls = []
     real = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
-    storage, chunks, x, pos = _step(model.cfg, n, seed=n)
+    storage, chunks, x, pos = _step(model.cfg, n, n, random_paged_storage)
     cos, sin = model.rope.cos_sin(pos)
     start = [p.clone() for p in _pools(storage)]
     for block in model.blocks:  # sliding and full layers
@@ -75,12 +73,13 @@ def test_fused_layer_is_bit_identical(model_dir, monkeypatch, n: int) -> None:  
     assert len(calls) == (len(model.blocks) if fused else 0)
 
 
-def test_not_taken_where_it_would_differ(model_dir, monkeypatch) -> None:  # noqa: ANN001
+def test_not_taken_where_it_would_differ(model_dir, monkeypatch,  # noqa: ANN001
+                                        random_paged_storage) -> None:
     calls = []
     real = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
     model = load_model(model_dir, "bfloat16", dense_dtype="int8")  # 8-bit q, k, v, o
-    storage, chunks, x, pos = _step(model.cfg, 2, seed=1)
+    storage, chunks, x, pos = _step(model.cfg, 2, 1, random_paged_storage)
     cos, sin = model.rope.cos_sin(pos)
     with torch.inference_mode():
         model.blocks[0](x, cos, sin, PagedAttention(storage, chunks))
@@ -94,9 +93,9 @@ def test_not_taken_where_it_would_differ(model_dir, monkeypatch) -> None:  # noq
     assert calls == []
 
 
-def test_decode_layer_refuses_bad_slots(model_dir) -> None:  # noqa: ANN001
+def test_decode_layer_refuses_bad_slots(model_dir, random_paged_storage) -> None:  # noqa: ANN001
     model = load_model(model_dir, "bfloat16")
-    storage, chunks, x, pos = _step(model.cfg, 2, seed=2)
+    storage, chunks, x, pos = _step(model.cfg, 2, 2, random_paged_storage)
     cos, sin = model.rope.cos_sin(pos)
     attn = PagedAttention(storage, chunks)
     kc, vc, write, read, offsets = attn.native_decode(0)
