@@ -54,6 +54,12 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _native_cache(kc: torch.Tensor, vc: torch.Tensor) -> bool:
+    """A layer's cache that the native attention kernels read in place: CPU, bf16, contiguous."""
+    return (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and kc.is_contiguous()
+            and vc.is_contiguous() and kernels.available())
+
+
 @dataclass(frozen=True, slots=True)
 class SeqSlice:
     """One sequence's part of a flat batch: rows [row, row + n) are positions [start, start+n)."""
@@ -120,8 +126,7 @@ class PagedAttention:
             return None
         group, idx = self.storage.group_of[layer]
         kc, vc = self.storage.k[group][idx], self.storage.v[group][idx]  # [slots, Hkv, D]
-        if not (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and kc.is_contiguous()
-                and vc.is_contiguous() and kernels.available()):
+        if not _native_cache(kc, vc):
             return None
         return (kc, vc, self.write_slots[group], *self.dec_read[group])
 
@@ -137,8 +142,7 @@ class PagedAttention:
         kc.index_copy_(0, slots, k if k.dtype == kc.dtype else k.to(kc.dtype))
         vc.index_copy_(0, slots, v if v.dtype == vc.dtype else v.to(vc.dtype))
         scale = self.storage.cfg.head_dim ** -0.5
-        native = (kc.device.type == "cpu" and kc.dtype == torch.bfloat16 and q.dtype == kc.dtype
-                  and kc.is_contiguous() and kernels.available())
+        native = q.dtype == kc.dtype and _native_cache(kc, vc)
         batched = native and self.dec_rows.numel() > 0
         if batched:  # every decode row's keys are all visible: read the cache in place
             read, offsets = self.dec_read[group]

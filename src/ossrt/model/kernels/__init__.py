@@ -169,7 +169,6 @@ def moe_decode(x: torch.Tensor, h: torch.Tensor, router_w: torch.Tensor, router_
                               w1_bias, w2_blocks, w2_scales, w2_bias, float(limit), float(alpha))
 
 
-
 def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: list[torch.Tensor],
                  kc: torch.Tensor, vc: torch.Tensor, write_slots: torch.Tensor,
                  read_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, eps: float,
