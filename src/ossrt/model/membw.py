@@ -30,7 +30,6 @@ class StepBytes:
     dense: float  # q, k, v, o of every layer, the unembedding, the routers (bf16)
     experts: float  # the distinct experts the step's tokens route to, every layer
     kv: float  # keys and values attended over
-    experts_per_layer: float  # distinct experts per layer (expected)
 
     @property
     def total(self) -> float:
@@ -61,7 +60,7 @@ def step_bytes(cfg: GptOssConfig, batch: int, depth: int, dense: str = "bfloat16
     seen = sum(depth if cfg.window(n) is None else min(depth, cfg.window(n))
                for n in range(layers))
     return StepBytes(dense=dense_b, experts=layers * used * expert,
-                     kv=batch * seen * kv_row, experts_per_layer=used)
+                     kv=batch * seen * kv_row)
 
 
 def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> list[float]:

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hugepages
+from . import hugepages, kernels
 from .config import GptOssConfig
-from . import kernels
 from .layers import (YarnRope, add_rms_norm, attend, decode_layer_max_rows, linear, moe_add,
                      rms_norm)
 from .loader import Checkpoint, read_checkpoint
@@ -59,10 +58,9 @@ class AttentionBackend(Protocol):
         ...
 
 
-NativeDecode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# kc, vc [slots, Hkv, D] bf16, write_slots [N], read_slots, offsets [N + 1]: what
-# `kernels.decode_layer` needs to run a layer's attention itself. A backend may offer them
-# through `native_decode(layer) -> NativeDecode | None` (None: call the backend instead).
+# A backend may also offer `native_decode(layer)`: (kc, vc [slots, Hkv, D] bf16, write_slots
+# [N], read_slots, offsets [N + 1]), what `kernels.decode_layer` needs to run the layer's
+# attention itself, or None to be called as above (`PagedAttention.native_decode`).
 
 _FUSED = ("attn_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "sinks", "o_w", "o_b",
           "mlp_norm", "router_w", "router_b", "w1_blocks", "w1_scales", "w1_bias", "w2_blocks",
@@ -139,7 +137,6 @@ class Block(nn.Module):
                        self.w1_blocks, self.w1_scales, self.w1_bias,
                        self.w2_blocks, self.w2_scales, self.w2_bias,
                        cfg.swiglu_limit, cfg.swiglu_alpha, router)
-
 
     def _fused_weights(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """This layer's weights for `kernels.decode_layer`, or None where it cannot run them

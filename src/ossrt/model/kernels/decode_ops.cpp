@@ -22,6 +22,8 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                        torch::Tensor w1_blocks, torch::Tensor w1_scales, torch::Tensor w1_bias,
                        torch::Tensor w2_blocks, torch::Tensor w2_scales, torch::Tensor w2_bias,
                        double limit, double alpha);
+torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                          torch::Tensor sinks, double scale, c10::optional<torch::Tensor> offsets);
 
 static const uint16_t* bf16_ptr(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
@@ -150,9 +152,6 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_
 //   x, h = x + (o W_o^T + b_o), rms_norm of that; x + moe(h) (moe_decode).
 // x [N, H] bf16; cos, sin [N, D/2] fp32; kc, vc [slots, Hkv, D] bf16 (written in place);
 // write_slots [N], read_slots, offsets [N + 1] int64 as `attn_decode`'s -> [N, H] bf16.
-torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
-                          torch::Tensor sinks, double scale, c10::optional<torch::Tensor> offsets);
-
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                            const std::vector<torch::Tensor>& w, torch::Tensor kc,
                            torch::Tensor vc, torch::Tensor write_slots, torch::Tensor read_slots,
@@ -192,10 +191,10 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
                     limit, alpha);
 }
 
-// XOR of every 64-bit word of contiguous t (nbytes a multiple of 8), read in parallel with
-// plain sequential loads and nothing else: the memory read rate a decode step can hope for, measured
-// the way its kernels read (`membw.read_bandwidth` times it). The XOR makes the reads
-// observable, so the compiler cannot drop them, and lets a test check that all were read.
+// XOR of every 64-bit word of contiguous t (nbytes a multiple of 8), read in parallel with plain
+// sequential loads and nothing else: the read rate a decode step can hope for, measured the way
+// its kernels read (`membw.read_bandwidth` times it). The XOR makes the reads observable, so the
+// compiler cannot drop them, and lets a test check that all were read.
 int64_t read_xor(torch::Tensor t) {
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "t must be a contiguous CPU tensor");
   const int64_t nbytes = t.numel() * t.element_size();
