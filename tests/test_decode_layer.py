@@ -1,6 +1,7 @@
 """`kernels.decode_layer`: a decoder layer of decode rows in one native call gives the very
-bits of `Block.forward`'s op-by-op path, output and KV cache alike, and is taken only where it
-can (decode rows only, bf16 CPU weights, no LoRA, at most `decode_layer_max_rows` rows)."""
+bits of `Block.forward`'s op-by-op path, output and KV cache alike (bf16 or 8-bit projections),
+and is taken only where it can (decode rows only, CPU weights, no LoRA, at most
+`decode_layer_max_rows` rows)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ def _pools(storage) -> list[torch.Tensor]:  # noqa: ANN001 - a PagedKVStorage
     return [*storage.k.values(), *storage.v.values()]
 
 
+@pytest.mark.parametrize("dense", ["bfloat16", "int8"])
 @pytest.mark.parametrize("n", [1, 3, 8, 9])
 def test_fused_layer_is_bit_identical(model_dir, monkeypatch, random_paged_storage,  # noqa: ANN001
-                                      n: int) -> None:
-    model = load_model(model_dir, "bfloat16")
+                                      n: int, dense: str) -> None:
+    model = load_model(model_dir, "bfloat16", dense_dtype=dense)
     calls = []
     real = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
@@ -69,7 +71,7 @@ def test_fused_layer_is_bit_identical(model_dir, monkeypatch, random_paged_stora
         for a, b in zip(got_pools, _pools(storage)):
             assert torch.equal(a, b), block.layer
         assert not torch.equal(got_pools[0], start[0]) or not torch.equal(got_pools[1], start[1])
-    fused = n <= layers.decode_layer_max_rows()
+    fused = n <= layers.decode_layer_max_rows(int8=dense == "int8")
     assert len(calls) == (len(model.blocks) if fused else 0)
 
 
@@ -82,7 +84,10 @@ def test_not_taken_where_it_would_differ(model_dir, monkeypatch,  # noqa: ANN001
     storage, chunks, x, pos = _step(model.cfg, 2, 1, random_paged_storage)
     cos, sin = model.rope.cos_sin(pos)
     with torch.inference_mode():
-        model.blocks[0](x, cos, sin, PagedAttention(storage, chunks))
+        # more rows than the 8-bit GEMV takes (layers.linear expands the weights to bf16)
+        with monkeypatch.context() as m:
+            m.setattr(layers, "_Q8_GEMV_MAX_ROWS", 1)
+            model.blocks[0](x, cos, sin, PagedAttention(storage, chunks))
         # a prefill chunk in the batch: the backend does not offer the native step
         mixed = chunks + [(0, 3, chunks[0][2])]
         x3 = torch.cat([x, x[:1].repeat(3, 1)])

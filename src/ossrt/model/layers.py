@@ -38,10 +38,12 @@ def _gemv_max_rows() -> int:
     return _GEMV_MAX_ROWS_F32 if cpu_gemm.bf16_via_f32() else _GEMV_MAX_ROWS
 
 
-def decode_layer_max_rows() -> int:
-    """Most decode rows `kernels.decode_layer` takes: as many as both `linear` (native GEMV)
-    and `moe_add` (one native MoE call) take, so that its ops are theirs."""
-    return min(_gemv_max_rows(), _MOE_ROWS_MAX)
+def decode_layer_max_rows(int8: bool = False) -> int:
+    """Most decode rows `kernels.decode_layer` takes: as many as `linear` (native GEMV; with
+    `int8` 8-bit projections, the 8-bit one as well) and `moe_add` (one native MoE call, its
+    router through the bf16 GEMV) take, so that its ops are theirs."""
+    rows = min(_gemv_max_rows(), _MOE_ROWS_MAX)
+    return min(rows, _Q8_GEMV_MAX_ROWS) if int8 else rows
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Q8Weight, b: torch.Tensor | None = None,

@@ -139,17 +139,27 @@ class Block(nn.Module):
                        cfg.swiglu_limit, cfg.swiglu_alpha, router)
 
     def _fused_weights(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """This layer's weights for `kernels.decode_layer`, or None where it cannot run them
-        bit for bit as `forward` would: 8-bit dense weights, not CPU bf16, autograd on."""
-        params, bufs = self._parameters, self._buffers
-        ts = [params[k] if k in params else bufs.get(k) for k in _FUSED]
+        """This layer's weights for `kernels.decode_layer` (with 8-bit projections: their
+        values in place, their scales appended), or None where it cannot run them bit for bit
+        as `forward` would: not CPU bf16, autograd on, more rows than the 8-bit GEMV takes."""
         if (torch.is_grad_enabled() or x.dtype != torch.bfloat16 or not x.is_cpu
                 or not kernels.available()):
             return None
-        for i, t in enumerate(ts):
-            if t is None or not t.is_cpu or (i < 13 and t.dtype != torch.bfloat16):
-                return None  # e.g. a `Q8Weight` in place of q_w
-        return ts  # type: ignore[return-value]
+        params, bufs, attrs = self._parameters, self._buffers, self.__dict__
+        ts, scales = [], []
+        for i, key in enumerate(_FUSED):
+            t = params[key] if key in params else bufs[key] if key in bufs else attrs.get(key)
+            if isinstance(t, Q8Weight):
+                scales.append(t.scale)
+                t = t.q
+            elif t is not None and i < 13 and t.dtype != torch.bfloat16:
+                return None
+            if t is None or not t.is_cpu:
+                return None
+            ts.append(t)
+        if scales and (len(scales) != 4 or x.shape[0] > decode_layer_max_rows(int8=True)):
+            return None
+        return ts + scales
 
 
 class GptOss(nn.Module):

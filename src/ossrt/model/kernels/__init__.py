@@ -174,7 +174,9 @@ def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: list[
                  read_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, eps: float,
                  scale: float, limit: float, alpha: float) -> torch.Tensor:
     """One decoder layer of N decode rows x [N, H] over a paged cache (kc, vc written at
-    write_slots), in one call: the same native ops `model.Block.forward` calls, in its order."""
+    write_slots), in one call: the same native ops `model.Block.forward` calls, in its order.
+    w: the layer's 19 tensors (`model._FUSED`'s order), or 23 with 8-bit projections (their
+    uint8 values in the weights' places, then the scales of q, k, v and o)."""
     return _load().decode_layer(x, cos, sin, w, kc, vc, write_slots, read_slots, offsets,
                                 int(top_k), float(eps), float(scale), float(limit), float(alpha))
 

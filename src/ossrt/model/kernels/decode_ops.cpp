@@ -24,6 +24,8 @@ torch::Tensor moe_rows(torch::Tensor x, torch::Tensor idx, torch::Tensor w,
                        double limit, double alpha);
 torch::Tensor attn_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
                           torch::Tensor sinks, double scale, c10::optional<torch::Tensor> offsets);
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws,
+                        c10::optional<torch::Tensor> bias);
 
 static const uint16_t* bf16_ptr(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
@@ -150,6 +152,9 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor h, torch::Tensor router_
 //   h = rms_norm(x); q, k, v = h W^T + b (bf16_linear_bf16); rope(q, k); write k, v into
 //   kc, vc at write_slots; o = attn_decode(q, kc, vc, read_slots, offsets);
 //   x, h = x + (o W_o^T + b_o), rms_norm of that; x + moe(h) (moe_decode).
+// With 8-bit dense weights (`--dense-dtype int8`) the four projections are `q8_linear` rounded
+// to bf16, as `layers.linear` does for a `Q8Weight`: w then holds their uint8 values in the
+// weights' places and their scales as four more tensors (q, k, v, o) at the end.
 // x [N, H] bf16; cos, sin [N, D/2] fp32; kc, vc [slots, Hkv, D] bf16 (written in place);
 // write_slots [N], read_slots, offsets [N + 1] int64 as `attn_decode`'s -> [N, H] bf16.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
@@ -158,8 +163,15 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
                            torch::Tensor offsets, int64_t top_k, double eps, double scale,
                            double limit, double alpha) {
   // w: attn_norm, q_w, q_b, k_w, k_b, v_w, v_b, sinks, o_w, o_b, mlp_norm, router_w, router_b,
-  //    w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias
-  TORCH_CHECK(w.size() == 19, "decode_layer takes the layer's 19 tensors");
+  //    w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias[, q_s, k_s, v_s, o_s]
+  TORCH_CHECK(w.size() == 19 || w.size() == 23,
+              "decode_layer takes the layer's 19 tensors (23 with 8-bit projections)");
+  const bool q8 = w.size() == 23;
+  // projection j (q, k, v, o) of `in` by weight w[wi], bias w[wi + 1]
+  auto proj = [&](const torch::Tensor& in, size_t wi, size_t j) {
+    return q8 ? q8_linear(in, w[wi], w[19 + j], w[wi + 1]).to(torch::kBFloat16)
+              : bf16_linear_bf16(in, w[wi], w[wi + 1]);
+  };
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be [N, H] bfloat16");
   TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.is_contiguous() &&
               vc.is_contiguous() && kc.scalar_type() == torch::kBFloat16 &&
@@ -167,9 +179,9 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
   const int64_t N = x.size(0), Hkv = kc.size(1), D = kc.size(2);
   TORCH_CHECK(write_slots.dim() == 1 && write_slots.numel() == N, "write_slots must be [N]");
   auto h = rms_norm_bf16(x, c10::nullopt, w[0], eps)[1];
-  auto q = bf16_linear_bf16(h, w[1], w[2]);
-  auto k = bf16_linear_bf16(h, w[3], w[4]);
-  auto v = bf16_linear_bf16(h, w[5], w[6]);
+  auto q = proj(h, 1, 0);
+  auto k = proj(h, 3, 1);
+  auto v = proj(h, 5, 2);
   TORCH_CHECK(q.size(1) % D == 0 && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
               "q, k, v widths must match the cache's heads");
   q = q.view({N, q.size(1) / D, D});
@@ -185,7 +197,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
     std::memcpy(bf16_ptr_mut(vc) + wsp[n] * row, bf16_ptr(v) + n * row, row * 2);
   }
   auto o = attn_decode(q, kc, vc, read_slots, w[7], scale, offsets).reshape({N, -1});
-  auto out = bf16_linear_bf16(o, w[8], w[9]);
+  auto out = proj(o, 8, 3);
   auto xh = rms_norm_bf16(x, out, w[10], eps);
   return moe_decode(xh[0], xh[1], w[11], w[12], top_k, w[13], w[14], w[15], w[16], w[17], w[18],
                     limit, alpha);
