@@ -1258,8 +1258,8 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws,
     // rows in chunks of 32 (in L2 after the first group of 4 rows of x has read them), each
     // group's x staying in L1 while it runs over the chunk: at 8 rows of x, 9 -> 13-14 GB/s
     // (20b shape, one A/B), 4 rows 19 -> 22-24. The first group prefetches the next chunk into
-    // L2 (rows n + 32): streamed, 2 threads, N 5,120, K 2,880, old vs new alternating in one
-    // process: 8 rows 11.8 -> 15.3 GB/s, 4 rows 17.4 -> 23.0, 2 rows 16.2 -> 24.9.
+    // L2 (rows n + 32): 20b-shape matrices streamed, 2 threads, old vs new kernel alternating
+    // in one process: 8 rows 11.4 -> 14.3 GB/s, 4 rows 16.7 -> 24.1, 2 rows 24.1 -> 27.5.
     constexpr int64_t kChunk = 32;
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
       float o[4];
